@@ -1,0 +1,186 @@
+"""The asyncio front of the engine: callers await results while steps run on a worker thread.
+
+Submissions are admitted into the engine only between steps, on the event loop, so the engine is
+never touched by two threads at once. A step starts as soon as work is waiting (no timer): whatever
+arrived while the previous step ran forms the next batch, which is what overlaps Kafka and Redis I/O
+with compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from processor.engine.engine import EngineStats, GuardEngine
+from processor.engine.results import ChunkResult
+
+log = logging.getLogger(__name__)
+
+
+class TokenHistory(Protocol):
+    """Where the engine gets a conversation's earlier tokens when it has to rebuild its cache."""
+
+    async def load(self, conversation_id: str, length: int) -> list[int]:
+        """The first `length` token ids fed to the model for this conversation."""
+        ...
+
+
+class HistoryUnavailableError(RuntimeError):
+    """The history store returned fewer tokens than the caller said were fed before."""
+
+
+@dataclass
+class _Submission:
+    conversation_id: str
+    token_ids: list[int]
+    known_length: int | None  # None: a release
+    future: asyncio.Future[ChunkResult] | None
+
+
+class AsyncGuardEngine:
+    def __init__(self, engine: GuardEngine, history: TokenHistory | None = None) -> None:
+        self.engine = engine
+        self.history = history
+        self._queue: list[_Submission] = []
+        self._futures: dict[int, asyncio.Future[ChunkResult]] = {}
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def moderate(self, conversation_id: str, token_ids: list[int], known_length: int) -> ChunkResult:
+        """Run `token_ids`, which follow the `known_length` tokens already fed for this conversation.
+
+        When the engine does not hold exactly those tokens (evicted, new owner, restart), it loads
+        them from the history store and rebuilds the cache first. Calls for one conversation are
+        applied in call order.
+        """
+        future: asyncio.Future[ChunkResult] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Submission(conversation_id, list(token_ids), known_length, future))
+        return await future
+
+    async def release(self, conversation_id: str) -> None:
+        """Free the conversation's cache after the work queued before this call."""
+        self._enqueue(_Submission(conversation_id, [], None, None))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _enqueue(self, submission: _Submission) -> None:
+        if self._closing:
+            raise RuntimeError("the engine is closed")
+        self._queue.append(submission)
+        self._wakeup.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="guard-engine-steps")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue and not self.engine.has_pending():
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._admit()
+            if not self.engine.has_pending():
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as error:  # a failed step must not leave callers waiting forever
+                log.exception("engine step failed; dropping all cached conversations")
+                self._fail_all(error)
+                continue
+            for result in results:
+                future = self._futures.pop(result.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+
+    async def _admit(self) -> None:
+        submissions, self._queue = self._queue, []
+        histories = await self._load_histories(submissions)
+        for submission in submissions:
+            try:
+                self._admit_one(submission, histories)
+            except Exception as error:
+                if submission.future is not None and not submission.future.done():
+                    submission.future.set_exception(error)
+
+    def _needs_history(self, conversation_id: str, known_length: int) -> bool:
+        position = self.engine.next_position(conversation_id)
+        if position == known_length or (position is None and known_length == 0):
+            return False
+        return position is None or position < known_length
+
+    async def _load_histories(self, submissions: list[_Submission]) -> dict[str, list[int]]:
+        """Fetch, concurrently, the history of each conversation whose first submission needs it."""
+        wanted: dict[str, int] = {}
+        seen: set[str] = set()
+        for submission in submissions:
+            conversation_id = submission.conversation_id
+            if conversation_id in seen:
+                continue
+            seen.add(conversation_id)
+            if submission.known_length is not None and self._needs_history(conversation_id, submission.known_length):
+                wanted[conversation_id] = submission.known_length
+        if not wanted:
+            return {}
+        if self.history is None:
+            return {}
+        loaded = await asyncio.gather(
+            *(self.history.load(conversation_id, length) for conversation_id, length in wanted.items()),
+            return_exceptions=True,
+        )
+        return {
+            conversation_id: tokens
+            for conversation_id, tokens in zip(wanted, loaded, strict=True)
+            if isinstance(tokens, list)
+        }
+
+    def _admit_one(self, submission: _Submission, histories: dict[str, list[int]]) -> None:
+        engine, conversation_id, known = self.engine, submission.conversation_id, submission.known_length
+        if known is None:
+            engine.release(conversation_id)
+            return
+        assert submission.future is not None
+        position = engine.next_position(conversation_id)
+        if position == known or (position is None and known == 0):
+            request_id = engine.submit(conversation_id, submission.token_ids)
+        elif position is not None and position > known and engine.is_idle(conversation_id):
+            # The engine ran tokens the caller never made durable (crash before its commit): drop them.
+            engine.truncate(conversation_id, known)
+            request_id = engine.submit(conversation_id, submission.token_ids)
+        elif position is not None and not engine.is_idle(conversation_id):
+            raise ValueError(
+                f"conversation {conversation_id!r}: submission follows {known} tokens but the engine "
+                f"has work queued up to position {position}"
+            )
+        else:
+            history = histories.pop(conversation_id, None)
+            if history is None or len(history) < known:
+                raise HistoryUnavailableError(
+                    f"conversation {conversation_id!r} needs its first {known} tokens to rebuild its cache, "
+                    f"the history store gave {0 if history is None else len(history)}"
+                )
+            request_id = engine.submit(conversation_id, submission.token_ids, rebuild_prefix=history[:known])
+        self._futures[request_id] = submission.future
+
+    def _fail_all(self, error: Exception) -> None:
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(error)
+        self._futures.clear()
+        self.engine.release_all()

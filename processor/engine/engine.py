@@ -1,0 +1,226 @@
+"""The streaming engine: many conversations' new tokens in one forward pass over a paged KV cache.
+
+Synchronous core. `submit` queues tokens for a conversation; each `step` runs one batch chosen by the
+scheduler and returns the requests it completed. The asyncio front (`async_engine.py`) drives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from processor.engine.block_manager import BlockManager
+from processor.engine.kv_cache import allocate_kv_cache, bytes_per_token, cache_budget_bytes
+from processor.engine.model_runner import LABEL_COLUMNS, ModelRunner
+from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
+from processor.engine.scheduler import ScheduledChunk, Scheduler
+from processor.engine.sequence import ChunkRequest, Conversation
+from processor.model.attention import get_attention_backend
+from processor.model.loader import GuardModel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    # KV cache size: bytes, or (CUDA) a fraction of the free device memory at start.
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float | None = 0.6
+    max_batch_tokens: int = 2048
+    max_batch_conversations: int = 512
+    attention_backend: str = "sdpa"
+    keep_probabilities: bool = False  # per-class probabilities in results (`score --all-heads`)
+
+
+@dataclass
+class EngineStats:
+    active_conversations: int = 0
+    waiting_conversations: int = 0
+    blocks_used: int = 0
+    blocks_free: int = 0
+    block_size: int = 0
+    kv_bytes_per_token: int = 0
+    evictions: int = 0
+    rebuilt_tokens: int = 0
+    steps: int = 0
+    tokens_run: int = 0
+    last_step_tokens: int = 0
+    last_step_conversations: int = 0
+    last_step_seconds: float = 0.0
+    step_seconds_total: float = 0.0
+
+
+class GuardEngine:
+    def __init__(self, model: GuardModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        per_token = bytes_per_token(model.config, model.dtype)
+        budget = cache_budget_bytes(model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction)
+        num_blocks = budget // (per_token * self.config.block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV cache budget {budget} bytes is below one block "
+                f"({per_token * self.config.block_size} bytes); raise kv_cache_bytes"
+            )
+        self.blocks = BlockManager(num_blocks, self.config.block_size)
+        kv_cache = allocate_kv_cache(model.config, num_blocks, self.config.block_size, model.device, model.dtype)
+        self.runner = ModelRunner(model, kv_cache, self.blocks, get_attention_backend(self.config.attention_backend))
+        self.scheduler = Scheduler(
+            self.blocks, self.config.max_batch_tokens, self.config.max_batch_conversations, self._evict
+        )
+        self._conversations: dict[str, Conversation] = {}
+        self._finished: list[ChunkResult] = []
+        self._request_ids = itertools.count()
+        self._requests: dict[int, ChunkRequest] = {}
+        self._stats = EngineStats(block_size=self.config.block_size, kv_bytes_per_token=per_token)
+
+    # -- what callers ask -------------------------------------------------------------------------
+
+    def next_position(self, conversation_id: str) -> int | None:
+        """Where the conversation's next token goes, or None when the engine does not hold it."""
+        conversation = self._conversations.get(conversation_id)
+        return None if conversation is None else conversation.next_position
+
+    def is_idle(self, conversation_id: str) -> bool:
+        conversation = self._conversations.get(conversation_id)
+        return conversation is None or conversation.is_idle
+
+    def has_pending(self) -> bool:
+        return bool(self._finished) or any(c.pending for c in self._conversations.values())
+
+    def submit(self, conversation_id: str, token_ids: list[int], rebuild_prefix: list[int] | None = None) -> int:
+        """Queue tokens; returns the request id its ChunkResult will carry in `step()`'s answer.
+
+        Without `rebuild_prefix` the tokens continue what the engine holds (or start a new
+        conversation). With it, the conversation starts over: the prefix is run to refill the cache
+        and only `token_ids` get results.
+        """
+        prefix = rebuild_prefix or []
+        if rebuild_prefix is not None:
+            self.release(conversation_id)
+        conversation = self._conversations.setdefault(conversation_id, Conversation(conversation_id))
+        request = ChunkRequest(
+            request_id=next(self._request_ids),
+            conversation_id=conversation_id,
+            token_ids=prefix + list(token_ids),
+            start_position=conversation.next_position,
+            rebuild=len(prefix),
+        )
+        if request.start_position + len(request.token_ids) > self.model.max_positions:
+            self._finish_early(request, ChunkStatus.CONTEXT_EXCEEDED)
+        else:
+            conversation.pending.append(request)
+            self._stats.rebuilt_tokens += len(prefix)
+        if conversation.is_idle and not conversation.cached_token_ids:
+            del self._conversations[conversation_id]
+        return request.request_id
+
+    def truncate(self, conversation_id: str, length: int) -> None:
+        """Forget cached tokens from `length` on (the caller never made them durable)."""
+        conversation = self._conversations[conversation_id]
+        if conversation.pending or length > conversation.num_cached:
+            raise ValueError(f"cannot truncate {conversation_id!r} to {length}: it has work queued or fewer tokens")
+        del conversation.cached_token_ids[length:]
+        self.blocks.shrink(conversation.block_table, length)
+
+    def release(self, conversation_id: str) -> None:
+        """Free a conversation's cache (ended, or its partition moved); queued work is dropped."""
+        conversation = self._conversations.pop(conversation_id, None)
+        if conversation is not None:
+            self.blocks.release(conversation.block_table)
+
+    def release_all(self) -> None:
+        for conversation_id in list(self._conversations):
+            self.release(conversation_id)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[ChunkResult]:
+        """Run one batch; return the requests completed by it (and any that finished early)."""
+        started = time.perf_counter()
+        self._stats.steps += 1
+        schedule = self.scheduler.schedule(self._conversations, self._stats.steps)
+        for request in schedule.too_large:
+            self._conversations[request.conversation_id].pending.popleft()
+            self._finish_early(request, ChunkStatus.EXCEEDS_CACHE)
+        if schedule.chunks:
+            output = self.runner.run(schedule.chunks, self.config.keep_probabilities)
+            row = 0
+            for chunk in schedule.chunks:
+                request, conversation = chunk.request, chunk.conversation
+                conversation.cached_token_ids += chunk.token_ids
+                keep_from = row + max(0, request.rebuild - chunk.offset)  # rebuild rows give no results
+                request.label_rows += output.labels[keep_from : row + chunk.length]
+                if output.probabilities is not None:
+                    request.probability_rows += [
+                        {head: rows[index] for head, rows in output.probabilities.items()}
+                        for index in range(keep_from, row + chunk.length)
+                    ]
+                request.done += chunk.length
+                row += chunk.length
+                if request.remaining == 0:
+                    conversation.pending.popleft()
+                    self._finished.append(self._result(request, ChunkStatus.OK))
+        self._record_step(schedule.chunks, time.perf_counter() - started)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def run_until_idle(self) -> list[ChunkResult]:
+        """Step until nothing is queued (offline scoring, tests, benchmarks)."""
+        results: list[ChunkResult] = []
+        while self.has_pending():
+            results += self.step()
+        return results
+
+    def stats(self) -> EngineStats:
+        self._stats.active_conversations = len(self._conversations)
+        self._stats.waiting_conversations = sum(1 for c in self._conversations.values() if c.pending)
+        self._stats.blocks_used = self.blocks.used_blocks
+        self._stats.blocks_free = self.blocks.free_blocks
+        return self._stats
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _evict(self, conversation: Conversation) -> None:
+        self.blocks.release(conversation.block_table)
+        del self._conversations[conversation.conversation_id]
+        self._stats.evictions += 1
+
+    def _finish_early(self, request: ChunkRequest, status: ChunkStatus) -> None:
+        self._finished.append(self._result(request, status))
+
+    def _result(self, request: ChunkRequest, status: ChunkStatus) -> ChunkResult:
+        columns = list(zip(*request.label_rows, strict=True)) if request.label_rows else [()] * len(LABEL_COLUMNS)
+
+        def head(offset: int) -> HeadLabels:
+            return HeadLabels(
+                risk_level=[int(value) for value in columns[offset]],
+                risk_prob=list(columns[offset + 1]),
+                category=[int(value) for value in columns[offset + 2]],
+                category_prob=list(columns[offset + 3]),
+            )
+
+        probabilities = None
+        if self.config.keep_probabilities and request.probability_rows:
+            probabilities = {
+                name: [row[name] for row in request.probability_rows] for name in request.probability_rows[0]
+            }
+        return ChunkResult(
+            conversation_id=request.conversation_id,
+            request_id=request.request_id,
+            start_position=request.start_position + request.rebuild,
+            token_ids=request.new_token_ids,
+            response=head(0),
+            query=head(4),
+            status=status,
+            probabilities=probabilities,
+        )
+
+    def _record_step(self, chunks: list[ScheduledChunk], seconds: float) -> None:
+        tokens = sum(chunk.length for chunk in chunks)
+        stats = self._stats
+        stats.tokens_run += tokens
+        stats.last_step_tokens = tokens
+        stats.last_step_conversations = len(chunks)
+        stats.last_step_seconds = seconds
+        stats.step_seconds_total += seconds

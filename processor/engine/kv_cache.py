@@ -1,0 +1,37 @@
+"""The paged KV cache tensor, sized by a memory budget."""
+
+from __future__ import annotations
+
+import torch
+
+from processor.model.config import GuardConfig
+
+
+def bytes_per_token(config: GuardConfig, dtype: torch.dtype) -> int:
+    """KV bytes one token of one conversation occupies, over all layers."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
+
+
+def cache_budget_bytes(device: torch.device, budget_bytes: int | None, free_fraction: float | None) -> int:
+    if budget_bytes is not None:
+        return budget_bytes
+    if device.type == "cuda" and free_fraction is not None:
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * free_fraction)
+    raise ValueError("give the KV cache a size: kv_cache_bytes, or kv_cache_fraction on a CUDA device")
+
+
+def allocate_kv_cache(
+    config: GuardConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """[layers, 2 (key, value), slots, kv_heads, head_dim]; slot = block * block_size + offset."""
+    return torch.zeros(
+        config.num_hidden_layers,
+        2,
+        num_blocks * block_size,
+        config.num_key_value_heads,
+        config.head_dim,
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,113 @@
+"""Turns a scheduled batch into tensors, runs one forward pass, and returns the labels on the host.
+
+Per-step metadata (positions, cache slots, attention groups) is built here once and handed to every
+layer; labels and probabilities are computed on the device and copied to the host in one transfer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from processor.engine.block_manager import BlockManager
+from processor.engine.scheduler import ScheduledChunk
+from processor.model.attention import AttentionBackend, AttentionBatch, AttentionGroup
+from processor.model.loader import GuardModel
+from processor.model.qwen3_guard import GuardLogits
+
+# Columns of the per-token label matrix copied to the host.
+LABEL_COLUMNS = (
+    "risk_level", "risk_prob", "category", "category_prob",
+    "query_risk_level", "query_risk_prob", "query_category", "query_category_prob",
+)
+HEAD_NAMES = ("risk", "category", "query_risk", "query_category")
+
+
+@dataclass
+class StepOutput:
+    labels: list[list[float]]  # [tokens][LABEL_COLUMNS], in the scheduled chunks' order
+    probabilities: dict[str, list[list[float]]] | None  # head -> [tokens][classes], when asked for
+
+
+def label_matrix(logits: GuardLogits) -> torch.Tensor:
+    """Argmax class and its softmax probability for each head, as one [tokens, 8] float tensor."""
+    columns = []
+    for head_logits in (logits.risk, logits.category, logits.query_risk, logits.query_category):
+        probability, index = head_logits.float().softmax(dim=-1).max(dim=-1)
+        columns += [index.float(), probability]
+    return torch.stack(columns, dim=-1)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: GuardModel, kv_cache: torch.Tensor, blocks: BlockManager, attend: AttentionBackend
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.attend = attend
+        self.device = model.device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], with_probabilities: bool = False) -> StepOutput:
+        token_ids, positions, slots = [], [], []
+        for chunk in chunks:
+            table = chunk.conversation.block_table
+            token_ids += chunk.token_ids
+            chunk_positions = range(chunk.start_position, chunk.start_position + chunk.length)
+            positions += chunk_positions
+            slots += (self.blocks.slot(table, position) for position in chunk_positions)
+        as_tensor = self._to_device
+        batch = AttentionBatch(slot_mapping=as_tensor(slots), groups=self._attention_groups(chunks))
+        logits = self.model.network(as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend)
+        labels = label_matrix(logits).cpu().tolist()
+        probabilities = None
+        if with_probabilities:
+            probabilities = {
+                name: getattr(logits, name).float().softmax(dim=-1).cpu().tolist() for name in HEAD_NAMES
+            }
+        return StepOutput(labels, probabilities)
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
+        """Single-token chunks in one group, longer ones in another, to bound padding."""
+        first_rows, row = [], 0
+        for chunk in chunks:
+            first_rows.append(row)
+            row += chunk.length
+        streaming = [index for index, chunk in enumerate(chunks) if chunk.length == 1]
+        prompts = [index for index, chunk in enumerate(chunks) if chunk.length > 1]
+        return [
+            self._group([chunks[index] for index in members], [first_rows[index] for index in members])
+            for members in (streaming, prompts)
+            if members
+        ]
+
+    def _group(self, chunks: list[ScheduledChunk], first_rows: list[int]) -> AttentionGroup:
+        block_size = self.blocks.block_size
+        queries = max(chunk.length for chunk in chunks)
+        context = max(chunk.start_position + chunk.length for chunk in chunks)
+        table_width = self.blocks.blocks_for(context)
+        tables = [chunk.conversation.block_table[:table_width] for chunk in chunks]
+        tables = [table + [0] * (table_width - len(table)) for table in tables]
+        # [B, 3]: first packed row, first position, token count of each chunk.
+        shape = torch.tensor(
+            [[row, chunk.start_position, chunk.length] for row, chunk in zip(first_rows, chunks, strict=True)],
+            dtype=torch.long,
+        ).to(self.device, non_blocking=True)
+        block_tables = torch.tensor(tables, dtype=torch.long).to(self.device, non_blocking=True)
+
+        offsets = torch.arange(queries, device=self.device)
+        query_valid = offsets[None, :] < shape[:, 2:3]
+        token_rows = torch.where(query_valid, shape[:, 0:1] + offsets[None, :], 0)
+        # Padded query rows get position 0 so they attend to one real key and stay finite.
+        query_positions = torch.where(query_valid, shape[:, 1:2] + offsets[None, :], 0)
+        slot_in_block = torch.arange(block_size, device=self.device)
+        key_slots = (block_tables[:, :, None] * block_size + slot_in_block).reshape(len(chunks), -1)
+        key_slots = key_slots[:, :context]
+        key_positions = torch.arange(context, device=self.device)
+        mask = key_positions[None, None, :] <= query_positions[:, :, None]
+        return AttentionGroup(token_rows, query_valid, key_slots, mask[:, None, :, :])

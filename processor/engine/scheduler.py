@@ -1,0 +1,131 @@
+"""Who runs in the next step: conversations with waiting tokens, under a token and a conversation budget.
+
+Blocks come from the block manager; when they run short the least recently used idle conversation
+is evicted (its cache is dropped; the caller rebuilds it from history when it comes back). No tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from processor.engine.block_manager import BlockManager
+from processor.engine.sequence import ChunkRequest, Conversation
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`length` tokens of `request`, from its index `offset`, run in this step."""
+
+    conversation: Conversation
+    request: ChunkRequest
+    offset: int
+    length: int
+
+    @property
+    def start_position(self) -> int:
+        return self.request.start_position + self.offset
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.token_ids[self.offset : self.offset + self.length]
+
+
+@dataclass
+class Schedule:
+    chunks: list[ScheduledChunk]
+    # Requests that can never fit: their conversation needs more blocks than the whole cache has.
+    too_large: list[ChunkRequest]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch_tokens: int,
+        max_batch_conversations: int,
+        evict: Callable[[Conversation], None],
+    ) -> None:
+        self.blocks = blocks
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_conversations = max_batch_conversations
+        self._evict = evict
+
+    def schedule(self, conversations: dict[str, Conversation], step: int) -> Schedule:
+        waiting = sorted(
+            (conversation for conversation in conversations.values() if conversation.pending),
+            key=lambda conversation: conversation.pending[0].request_id,  # oldest request first
+        )
+        chunks: list[ScheduledChunk] = []
+        too_large: list[ChunkRequest] = []
+        in_step: set[str] = set()
+        token_budget = self.max_batch_tokens
+        for conversation in waiting:
+            if token_budget == 0 or len(chunks) == self.max_batch_conversations:
+                break
+            request = conversation.pending[0]
+            if self.blocks.blocks_for(request.start_position + len(request.token_ids)) > self.blocks.num_blocks:
+                too_large.append(request)
+                continue
+            length = min(request.remaining, token_budget)
+            end_position = request.start_position + request.done + length
+            if not self._make_room(conversations, conversation, end_position, in_step):
+                continue
+            self.blocks.grow(conversation.block_table, end_position)
+            conversation.last_used_step = step
+            chunks.append(ScheduledChunk(conversation, request, request.done, length))
+            in_step.add(conversation.conversation_id)
+            token_budget -= length
+        if not chunks and not too_large and waiting:
+            # Every waiting conversation is blocked by the caches of other waiting ones: take the
+            # oldest one's room from the others (they rebuild from their own cached tokens later).
+            if self._preempt_for(waiting[0], waiting[1:]):
+                return self.schedule(conversations, step)
+        return Schedule(chunks, too_large)
+
+    def _make_room(
+        self, conversations: dict[str, Conversation], conversation: Conversation, end_position: int,
+        in_step: set[str],
+    ) -> bool:
+        needed = self.blocks.extra_blocks_needed(conversation.block_table, end_position)
+        if needed <= self.blocks.free_blocks:
+            return True
+        idle = sorted(
+            (
+                other
+                for other in conversations.values()
+                if other.is_idle and other.conversation_id not in in_step and other.block_table
+            ),
+            key=lambda other: other.last_used_step,
+        )
+        for victim in idle:
+            if needed <= self.blocks.free_blocks:
+                break
+            self._evict(victim)
+        return needed <= self.blocks.free_blocks
+
+    def _preempt_for(self, first: Conversation, others: list[Conversation]) -> bool:
+        """Free other waiting conversations' blocks until `first` fits; False if nothing was freed."""
+        freed = False
+        for other in sorted(others, key=lambda other: -len(other.block_table)):
+            if not other.block_table:
+                continue
+            request = other.pending[0]
+            if request.done:
+                # Part of this request is already cached: fold it back so the whole request reruns.
+                request.label_rows.clear()
+                request.probability_rows.clear()
+                request.done = 0
+            kept = other.cached_token_ids[: request.start_position]
+            request.token_ids = kept + request.token_ids
+            request.rebuild += len(kept)
+            request.start_position = 0
+            other.cached_token_ids = []
+            self.blocks.release(other.block_table)
+            freed = True
+            needed = self.blocks.extra_blocks_needed(
+                first.block_table, first.pending[0].start_position + len(first.pending[0].token_ids)
+            )
+            if needed <= self.blocks.free_blocks:
+                break
+        return freed

@@ -1,0 +1,58 @@
+"""One conversation as the engine sees it: the tokens held in the KV cache and the work waiting."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ChunkRequest:
+    """Tokens to run for one caller request.
+
+    `token_ids` may start with `rebuild` tokens the conversation already had before it lost its cache
+    (evicted, or new to this engine): they are run to refill the cache, their results are dropped.
+    """
+
+    request_id: int
+    conversation_id: str
+    token_ids: list[int]
+    start_position: int
+    rebuild: int = 0
+    done: int = 0
+    label_rows: list[list[float]] = field(default_factory=list)
+    probability_rows: list[dict[str, list[float]]] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        return self.token_ids[self.rebuild :]
+
+
+@dataclass
+class Conversation:
+    conversation_id: str
+    # Token ids whose keys and values are in the cache, in order (position = index).
+    cached_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    pending: deque[ChunkRequest] = field(default_factory=deque)
+    last_used_step: int = 0
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached_token_ids)
+
+    @property
+    def next_position(self) -> int:
+        """Where the next submitted token will sit, counting tokens queued but not yet run."""
+        if self.pending:
+            last = self.pending[-1]
+            return last.start_position + len(last.token_ids)
+        return self.num_cached
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.pending

@@ -1,0 +1,154 @@
+"""Qwen3Guard-Stream: a Qwen3 decoder with per-token risk and category heads.
+
+Module names follow the official checkpoint's state-dict keys (`model.layers.N.self_attn.q_proj`,
+`risk_level_head`, ...) so weights load by name with nothing renamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from processor.model.attention import AttentionBackend, AttentionBatch, sdpa_attention
+from processor.model.config import GuardConfig
+from processor.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: GuardConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        # Qwen3 normalizes queries and keys per head before the rotary embedding.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_layer: torch.Tensor,
+        batch: AttentionBatch,
+        attend: AttentionBackend,
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        query = self.q_norm(self.q_proj(hidden).view(tokens, self.num_heads, self.head_dim))
+        key = self.k_norm(self.k_proj(hidden).view(tokens, self.num_kv_heads, self.head_dim))
+        value = self.v_proj(hidden).view(tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = rotary
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        attended = attend(query, key, value, kv_layer, batch, self.scale)
+        return self.o_proj(attended.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: GuardConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen3Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_layer: torch.Tensor,
+        batch: AttentionBatch,
+        attend: AttentionBackend,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_layer, batch, attend)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Qwen3Backbone(nn.Module):
+    def __init__(self, config: GuardConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+class GuardHead(nn.Module):
+    """x = RMSNorm(W_pre h); risk and category logits from x (shared notes, "Architecture")."""
+
+    def __init__(self, hidden_size: int, inner_size: int, num_levels: int, num_categories: int, eps: float):
+        super().__init__()
+        self.pre = nn.Linear(hidden_size, inner_size, bias=False)
+        self.norm = RMSNorm(inner_size, eps)
+        self.level = nn.Linear(inner_size, num_levels, bias=False)
+        self.category = nn.Linear(inner_size, num_categories, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inner = self.norm(self.pre(hidden))
+        return self.level(inner), self.category(inner)
+
+
+# The checkpoint stores each guard head's four tensors under flat names; this maps them onto GuardHead.
+HEAD_PARAMETER_NAMES: dict[str, str] = {
+    "risk_level_category_pre.weight": "response_head.pre.weight",
+    "risk_level_category_layernorm.weight": "response_head.norm.weight",
+    "risk_level_head.weight": "response_head.level.weight",
+    "category_head.weight": "response_head.category.weight",
+    "query_risk_level_category_pre.weight": "query_head.pre.weight",
+    "query_risk_level_category_layernorm.weight": "query_head.norm.weight",
+    "query_risk_level_head.weight": "query_head.level.weight",
+    "query_category_head.weight": "query_head.category.weight",
+}
+
+
+@dataclass
+class GuardLogits:
+    """Per-token logits of the four heads, each [tokens, classes]."""
+
+    risk: torch.Tensor
+    category: torch.Tensor
+    query_risk: torch.Tensor
+    query_category: torch.Tensor
+
+
+class Qwen3GuardNetwork(nn.Module):
+    def __init__(self, config: GuardConfig) -> None:
+        super().__init__()
+        self.config = config
+        labels = config.labels
+        eps = config.rms_norm_eps
+        self.model = Qwen3Backbone(config)
+        self.response_head = GuardHead(
+            config.hidden_size, config.guard_inner_size, len(labels.risk_levels), len(labels.categories), eps
+        )
+        self.query_head = GuardHead(
+            config.hidden_size,
+            config.guard_inner_size,
+            len(labels.query_risk_levels),
+            len(labels.query_categories),
+            eps,
+        )
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: AttentionBatch,
+        attend: AttentionBackend = sdpa_attention,
+    ) -> GuardLogits:
+        """token_ids, positions: [T] packed across conversations; kv_cache: [layers, 2, slots, kv_heads, D]."""
+        hidden = self.model.embed_tokens(token_ids)
+        rotary = self.model.rotary(positions, hidden.dtype)
+        for layer, kv_layer in zip(self.model.layers, kv_cache, strict=True):
+            hidden = layer(hidden, rotary, kv_layer, batch, attend)
+        hidden = self.model.norm(hidden)
+        risk, category = self.response_head(hidden)
+        query_risk, query_category = self.query_head(hidden)
+        return GuardLogits(risk, category, query_risk, query_category)
