@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -17,6 +18,10 @@ from safetensors import safe_open
 from processor.model.config import GuardConfig
 from processor.model.labels import LabelMaps
 from processor.model.qwen3_guard import HEAD_PARAMETER_NAMES, Qwen3GuardNetwork
+from processor.model.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -47,6 +52,13 @@ class GuardModel:
     @property
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast | None:
+        """The checkpoint's tokenizer, or None when the folder ships none (ids-only use)."""
+        if not (self.path / "tokenizer.json").is_file():
+            return None
+        return load_tokenizer(self.path)
 
 
 def default_device() -> torch.device:

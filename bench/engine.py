@@ -1,0 +1,243 @@
+"""Engine benchmark: the hub's method (A), single-stream KV cache (B), and this engine (C), side by side.
+
+Prints a table and writes JSON (bench/results/engine-<device>-<size>.json). Every variant runs in the
+same process on the same random checkpoint and the same token streams, so compare ratios, not
+absolute numbers. Not a test: nothing here asserts a speed.
+
+    python bench/engine.py --size small                 # CPU
+    python bench/engine.py --size 0.6b-shape --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from processor.engine import EngineConfig, GuardEngine
+from processor.engine.kv_cache import bytes_per_token
+from processor.model.config import GuardConfig
+from processor.model.loader import GuardModel, load_guard_model
+from processor.model.qwen3_guard import Qwen3GuardNetwork
+from processor.model.testmodel import CHECKPOINT_SHAPES, checkpoint_config, write_test_model
+from processor.model.tokenizer import SpecialTokenIds
+
+VOCAB_SAMPLE = 150_000  # ordinary (non-special) ids to draw token streams from
+
+
+@dataclass
+class Row:
+    variant: str
+    conversations: int
+    context: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * self.seconds / self.tokens
+
+
+def random_tokens(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(VOCAB_SAMPLE) for _ in range(count)]
+
+
+def in_memory_model(size: str, device: str, dtype: torch.dtype) -> GuardModel:
+    """Random weights built straight on the device: no multi-GB file for the GPU-sized shapes."""
+    ids = SpecialTokenIds(151644, 151645, 151643, 151667, 151668, 198, 271, 872, 77091)
+    raw = checkpoint_config(CHECKPOINT_SHAPES[size], ids)
+    config = GuardConfig.from_dict(raw)
+    with torch.device(device):
+        network = Qwen3GuardNetwork(config).to(dtype)
+    for parameter in network.parameters():
+        if parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=0.02)
+    network.eval().requires_grad_(False)
+    return GuardModel(network, config, raw, f"random-{size}", Path("."), torch.device(device), dtype)
+
+
+def load_model(size: str, device: str, dtype: torch.dtype, workdir: Path) -> GuardModel:
+    if device == "cpu" and size in ("tiny", "small"):
+        return load_guard_model(write_test_model(workdir / size, size=size), device=device, dtype=dtype)
+    return in_memory_model(size, device, dtype)
+
+
+def make_engine(model: GuardModel, conversations: int, context: int, batch_tokens: int = 4096) -> GuardEngine:
+    block = 16
+    blocks_per_conversation = -(-context // block) + 1
+    budget = (conversations * blocks_per_conversation + 4) * block * bytes_per_token(model.config, model.dtype)
+    return GuardEngine(
+        model,
+        EngineConfig(
+            block_size=block, kv_cache_bytes=budget, max_batch_tokens=batch_tokens,
+            max_batch_conversations=max(conversations, 1),
+        ),
+    )
+
+
+def synchronize(model: GuardModel) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hub_method(model: GuardModel, length: int, samples: int, rng: random.Random) -> Row:
+    """A: every new token re-runs the whole history (what the hub's stream API does).
+
+    Timing every position of a long conversation is quadratic, so we time `samples` evenly spaced
+    positions and scale: the mean over evenly spaced positions estimates the mean over all of them.
+    """
+    engine = make_engine(model, 1, length)
+    stream = random_tokens(rng, length)
+    positions = [round((index + 0.5) * length / samples) for index in range(samples)]
+    started = time.perf_counter()
+    for position in positions:
+        engine.submit("a", stream[: position + 1])
+        engine.run_until_idle()
+        engine.release("a")
+    synchronize(model)
+    per_token = (time.perf_counter() - started) / samples
+    return Row("A hub method (re-run history)", 1, length, length, per_token * length)
+
+
+def streaming(
+    model: GuardModel, conversations: int, context: int, new_tokens: int, rng: random.Random, label: str,
+    one_at_a_time: bool = False,
+) -> Row:
+    """B / C: conversations primed with `context` tokens, then `new_tokens` each, one token per step."""
+    engine = make_engine(model, conversations, context + new_tokens)
+    streams = {f"c{index}": random_tokens(rng, context + new_tokens) for index in range(conversations)}
+    for conversation_id, stream in streams.items():
+        engine.submit(conversation_id, stream[:context])
+    engine.run_until_idle()
+    synchronize(model)
+    started = time.perf_counter()
+    if one_at_a_time:
+        for conversation_id, stream in streams.items():
+            for position in range(context, context + new_tokens):
+                engine.submit(conversation_id, [stream[position]])
+                engine.run_until_idle()
+    else:
+        for position in range(context, context + new_tokens):
+            for conversation_id, stream in streams.items():
+                engine.submit(conversation_id, [stream[position]])
+            engine.run_until_idle()
+    synchronize(model)
+    return Row(label, conversations, context, conversations * new_tokens, time.perf_counter() - started)
+
+
+def mixed_load(model: GuardModel, streamers: int, prompts: int, steps: int, rng: random.Random) -> Row:
+    """C: `streamers` conversations streaming one token per step while prompts of 200-1000 tokens arrive."""
+    engine = make_engine(model, streamers + prompts, 1000 + steps)
+    streams = {f"s{index}": random_tokens(rng, 64 + steps) for index in range(streamers)}
+    for conversation_id, stream in streams.items():
+        engine.submit(conversation_id, stream[:64])
+    engine.run_until_idle()
+    arrivals = {rng.randrange(steps): random_tokens(rng, rng.randint(200, 1000)) for _ in range(prompts)}
+    synchronize(model)
+    tokens = 0
+    started = time.perf_counter()
+    for step in range(steps):
+        for conversation_id, stream in streams.items():
+            engine.submit(conversation_id, [stream[64 + step]])
+            tokens += 1
+        if step in arrivals:
+            engine.submit(f"p{step}", arrivals[step])
+            tokens += len(arrivals[step])
+        engine.run_until_idle()
+    synchronize(model)
+    label = f"C mixed ({len(arrivals)} prompts of 200-1000 tokens)"
+    return Row(label, streamers, 64, tokens, time.perf_counter() - started)
+
+
+def peak_memory_bytes(model: GuardModel) -> int | None:
+    if model.device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=sorted(CHECKPOINT_SHAPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens per conversation timed in B/C")
+    parser.add_argument("--concurrency", default="1,8,64,256")
+    parser.add_argument("--long-context", type=int, default=4096)
+    parser.add_argument("--long-conversations", type=int, default=8)
+    parser.add_argument("--hub-length", type=int, default=1000)
+    parser.add_argument("--hub-samples", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        model = load_model(args.size, args.device, dtype, Path(workdir))
+        streaming(model, 8, 16, 4, rng, "warm-up")  # first-call allocations and kernel selection
+        rows = [hub_method(model, args.hub_length, args.hub_samples, rng)]
+        rows.append(streaming(model, 8, 64, args.new_tokens, rng, "B single stream, KV cache", one_at_a_time=True))
+        for conversations in (int(value) for value in args.concurrency.split(",")):
+            rows.append(streaming(model, conversations, 64, args.new_tokens, rng, "C engine"))
+        rows.append(mixed_load(model, 64, 4, 32, rng))
+        short = streaming(model, args.long_conversations, 64, args.new_tokens, rng, "C engine, context 64")
+        long = streaming(
+            model, args.long_conversations, args.long_context, args.new_tokens, rng,
+            f"C engine, context {args.long_context}",
+        )
+        rows += [short, long]
+
+    by_label = {(row.variant, row.conversations): row for row in rows}
+    hub, single = rows[0], rows[1]
+    c64 = by_label.get(("C engine", 64))
+    ratios = {
+        "C64_over_B": c64.tokens_per_second / single.tokens_per_second if c64 else None,
+        "C64_over_A_1000": c64.tokens_per_second / hub.tokens_per_second if c64 else None,
+        "long_over_short_cost": long.ms_per_token / short.ms_per_token,
+    }
+    print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}")
+    print(f"{'variant':44} {'convs':>6} {'context':>8} {'tokens':>8} {'tokens/s':>12} {'ms/token':>10}")
+    for row in rows:
+        print(
+            f"{row.variant:44} {row.conversations:>6} {row.context:>8} {row.tokens:>8} "
+            f"{row.tokens_per_second:>12,.1f} {row.ms_per_token:>10.3f}"
+        )
+    print("\nratios:", ", ".join(f"{name}={value:.2f}" for name, value in ratios.items() if value is not None))
+    kv_per_token = bytes_per_token(model.config, model.dtype)
+    peak = peak_memory_bytes(model)
+    print(f"KV bytes per conversation-token: {kv_per_token:,}; peak memory: {peak and peak / 2**20:,.0f} MiB")
+
+    result = {
+        "size": args.size, "device": args.device, "dtype": str(dtype),
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "rows": [row.__dict__ | {"tokens_per_second": row.tokens_per_second, "ms_per_token": row.ms_per_token}
+                 for row in rows],
+        "ratios": ratios, "kv_bytes_per_token": kv_per_token, "peak_memory_bytes": peak,
+        "median_note": statistics.median([row.ms_per_token for row in rows]),
+    }
+    out = args.out or Path(__file__).parent / "results" / f"engine-{args.device.split(':')[0]}-{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

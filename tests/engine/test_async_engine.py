@@ -1,0 +1,72 @@
+"""The asyncio front: concurrent callers share steps, rebuilds use the history, failures are explicit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine, HistoryUnavailableError
+from processor.engine.kv_cache import bytes_per_token
+from processor.model import load_guard_model
+
+
+class DictHistory:
+    def __init__(self, tokens: dict[str, list[int]]) -> None:
+        self.tokens = tokens
+
+    async def load(self, conversation_id: str, length: int) -> list[int]:
+        return self.tokens.get(conversation_id, [])[:length]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_guard_model(tiny_model_dir, device="cpu")
+
+
+def new_engine(model) -> GuardEngine:
+    return GuardEngine(model, EngineConfig(kv_cache_bytes=4096 * bytes_per_token(model.config, model.dtype)))
+
+
+async def test_concurrent_conversations_are_batched_into_shared_steps(model):
+    front = AsyncGuardEngine(new_engine(model))
+    results = await asyncio.gather(*(front.moderate(f"c{index}", [100 + index, 7, 8], 0) for index in range(32)))
+    assert [result.conversation_id for result in results] == [f"c{index}" for index in range(32)]
+    stats = front.stats()
+    assert stats.steps < 32, f"32 concurrent submissions took {stats.steps} steps"
+    assert stats.active_conversations == 32
+    await front.close()
+
+
+async def test_unknown_conversation_is_rebuilt_from_history_with_identical_results(model):
+    tokens = list(range(500, 540))
+    reference = await AsyncGuardEngine(new_engine(model)).moderate("c", tokens, 0)
+    # A fresh engine (another worker) sees the conversation 30 tokens in: it must rebuild first.
+    front = AsyncGuardEngine(new_engine(model), DictHistory({"c": tokens[:30]}))
+    result = await front.moderate("c", tokens[30:], 30)
+    assert result.start_position == 30
+    assert result.response.risk_level == reference.response.risk_level[30:]
+    assert result.response.risk_prob == pytest.approx(reference.response.risk_prob[30:], abs=1e-4)
+    assert front.stats().rebuilt_tokens == 30
+    await front.close()
+
+
+async def test_tokens_run_but_never_made_durable_are_dropped(model):
+    """A crash after the step but before the caller's commit: the redelivery says fewer tokens are known."""
+    front = AsyncGuardEngine(new_engine(model))
+    first = await front.moderate("c", [1, 2, 3, 4], 0)
+    await front.moderate("c", [9, 9], 4)  # never made durable by the caller
+    again = await front.moderate("c", [5, 6], 4)
+    fresh = await AsyncGuardEngine(new_engine(model)).moderate("d", [1, 2, 3, 4, 5, 6], 0)
+    assert first.start_position == 0 and again.start_position == 4
+    assert again.response.risk_prob == pytest.approx(fresh.response.risk_prob[4:], abs=1e-5)
+    await front.close()
+
+
+async def test_missing_history_is_an_explicit_error(model):
+    front = AsyncGuardEngine(new_engine(model), DictHistory({}))
+    with pytest.raises(HistoryUnavailableError, match="needs its first 10 tokens"):
+        await front.moderate("lost", [1, 2], 10)
+    # The front keeps serving other conversations.
+    assert (await front.moderate("ok", [1, 2], 0)).start_position == 0
+    await front.close()
