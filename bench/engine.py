@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -74,6 +73,9 @@ def load_model(size: str, device: str, dtype: torch.dtype, workdir: Path) -> Gua
     return in_memory_model(size, device, dtype)
 
 
+BACKEND = "sdpa"  # set from --backend
+
+
 def make_engine(model: GuardModel, conversations: int, context: int, batch_tokens: int = 4096) -> GuardEngine:
     block = 16
     blocks_per_conversation = -(-context // block) + 1
@@ -82,7 +84,7 @@ def make_engine(model: GuardModel, conversations: int, context: int, batch_token
         model,
         EngineConfig(
             block_size=block, kv_cache_bytes=budget, max_batch_tokens=batch_tokens,
-            max_batch_conversations=max(conversations, 1),
+            max_batch_conversations=max(conversations, 1), attention_backend=BACKEND,
         ),
     )
 
@@ -183,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-conversations", type=int, default=8)
     parser.add_argument("--hub-length", type=int, default=1000)
     parser.add_argument("--hub-samples", type=int, default=12)
+    parser.add_argument("--backend", default="sdpa", help="attention backend: sdpa or flex")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    global BACKEND
+    BACKEND = args.backend
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "C64_over_A_1000": c64.tokens_per_second / hub.tokens_per_second if c64 else None,
         "long_over_short_cost": long.ms_per_token / short.ms_per_token,
     }
-    print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}")
+    print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype} backend={args.backend}")
     print(f"{'variant':44} {'convs':>6} {'context':>8} {'tokens':>8} {'tokens/s':>12} {'ms/token':>10}")
     for row in rows:
         print(
@@ -225,14 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KV bytes per conversation-token: {kv_per_token:,}; peak memory: {peak and peak / 2**20:,.0f} MiB")
 
     result = {
-        "size": args.size, "device": args.device, "dtype": str(dtype),
+        "size": args.size, "device": args.device, "dtype": str(dtype), "backend": args.backend,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "rows": [row.__dict__ | {"tokens_per_second": row.tokens_per_second, "ms_per_token": row.ms_per_token}
                  for row in rows],
         "ratios": ratios, "kv_bytes_per_token": kv_per_token, "peak_memory_bytes": peak,
-        "median_note": statistics.median([row.ms_per_token for row in rows]),
     }
-    out = args.out or Path(__file__).parent / "results" / f"engine-{args.device.split(':')[0]}-{args.size}.json"
+    out = args.out or Path(__file__).parent / "results" / f"engine-{args.device.split(':')[0]}-{args.size}-{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -12,7 +12,14 @@ import torch
 
 from processor.engine.block_manager import BlockManager
 from processor.engine.scheduler import ScheduledChunk
-from processor.model.attention import AttentionBackend, AttentionBatch, AttentionGroup
+from processor.model.attention import (
+    AttentionBackend,
+    AttentionBatch,
+    AttentionGroup,
+    PackedKeys,
+    flex_packed_attention,
+    packed_keys,
+)
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import GuardLogits
 
@@ -59,7 +66,10 @@ class ModelRunner:
             positions += chunk_positions
             slots += (self.blocks.slot(table, position) for position in chunk_positions)
         as_tensor = self._to_device
-        batch = AttentionBatch(slot_mapping=as_tensor(slots), groups=self._attention_groups(chunks))
+        if self.attend is flex_packed_attention:
+            batch = AttentionBatch(as_tensor(slots), groups=[], packed=self._packed_keys(chunks))
+        else:
+            batch = AttentionBatch(as_tensor(slots), groups=self._attention_groups(chunks))
         logits = self.model.network(as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend)
         labels = label_matrix(logits).cpu().tolist()
         probabilities = None
@@ -71,6 +81,22 @@ class ModelRunner:
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _packed_keys(self, chunks: list[ScheduledChunk]) -> PackedKeys:
+        query_owner, query_positions, key_slots, key_owner, key_positions = [], [], [], [], []
+        for index, chunk in enumerate(chunks):
+            end = chunk.start_position + chunk.length
+            query_owner += [index] * chunk.length
+            query_positions += range(chunk.start_position, end)
+            table = chunk.conversation.block_table
+            key_slots += (self.blocks.slot(table, position) for position in range(end))
+            key_owner += [index] * end
+            key_positions += range(end)
+        as_tensor = self._to_device
+        return packed_keys(
+            as_tensor(query_owner), as_tensor(query_positions), as_tensor(key_slots),
+            as_tensor(key_owner), as_tensor(key_positions),
+        )
 
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
         """Single-token chunks in one group, longer ones in another, to bound padding."""

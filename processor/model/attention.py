@@ -35,11 +35,18 @@ class AttentionGroup:
 
 
 @dataclass
+class PackedKeys:
+    """For the flex backend: every chunk's keys packed end to end, and who may see whom."""
+
+    key_slots: torch.Tensor  # [S] flat cache slot of each packed key
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask over [T queries, S keys]
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's key/value is written
-    groups: list[AttentionGroup]
-    # Packed-token description for the flex backend (None when it is not in use).
-    flex_state: object | None = None
+    groups: list[AttentionGroup]  # for the sdpa backend
+    packed: PackedKeys | None = None  # for the flex backend
 
 
 AttentionBackend = Callable[
@@ -85,7 +92,59 @@ def sdpa_attention(
     return output
 
 
-ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention}
+def packed_keys(
+    query_owner: torch.Tensor, query_positions: torch.Tensor, key_slots: torch.Tensor,
+    key_owner: torch.Tensor, key_positions: torch.Tensor,
+) -> PackedKeys:
+    """Build the flex block mask once per step: a query sees keys of its own chunk's conversation
+    up to its own position (causal within the conversation, nothing across conversations)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_conversation_causal(batch, head, query, key):  # noqa: ARG001 - flex's signature
+        return (query_owner[query] == key_owner[key]) & (key_positions[key] <= query_positions[query])
+
+    block_mask = create_block_mask(
+        same_conversation_causal, None, None, query_owner.numel(), key_slots.numel(), device=key_slots.device
+    )
+    return PackedKeys(key_slots=key_slots, block_mask=block_mask)
+
+
+def _flex_kernel():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled on CUDA (the fused kernel); eager elsewhere, where flex runs its unfused reference.
+    if torch.cuda.is_available():
+        return torch.compile(flex_attention, dynamic=True)
+    return flex_attention
+
+
+_FLEX_KERNEL = None
+
+
+def flex_packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_layer: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """FlexAttention over the packed tokens: no padding between short and long chunks."""
+    global _FLEX_KERNEL
+    if _FLEX_KERNEL is None:
+        _FLEX_KERNEL = _flex_kernel()
+    assert batch.packed is not None, "the flex backend needs AttentionBatch.packed"
+    write_kv(key, value, kv_layer, batch.slot_mapping)
+    packed_key = kv_layer[0][batch.packed.key_slots].to(query.dtype).transpose(0, 1)[None]
+    packed_value = kv_layer[1][batch.packed.key_slots].to(query.dtype).transpose(0, 1)[None]
+    attended = _FLEX_KERNEL(
+        query.transpose(0, 1)[None], packed_key, packed_value,
+        block_mask=batch.packed.block_mask, scale=scale, enable_gqa=True,
+    )
+    return attended[0].transpose(0, 1)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention, "flex": flex_packed_attention}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -1,0 +1,44 @@
+"""GPU checks in one short run (the device is lent by the minute):
+1. the engine on CUDA gives the CPU's float32 results (tiny checkpoint, mixed ragged batch);
+2. every attention backend on CUDA gives the portable backend's results;
+3. bf16 on CUDA agrees with float32 on labels for most tokens (random weights: a sanity bound only).
+
+    python bench/gpu_check.py CHECKPOINT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from processor.model import load_guard_model
+from processor.model.attention import ATTENTION_BACKENDS
+from tests.engine.test_attention_backends import run_mixed_batch
+
+
+def max_difference(left: dict, right: dict) -> float:
+    return max((torch.tensor(left[name]) - torch.tensor(right[name])).abs().max().item() for name in left)
+
+
+def main(checkpoint: str) -> int:
+    cpu = run_mixed_batch(load_guard_model(checkpoint, device="cpu", dtype="float32"), "sdpa")
+    cuda_model = load_guard_model(checkpoint, device="cuda", dtype="float32")
+    failures = 0
+    for backend in sorted(ATTENTION_BACKENDS):
+        difference = max_difference(cpu, run_mixed_batch(cuda_model, backend))
+        ok = difference < 1e-4
+        failures += not ok
+        print(f"cuda float32 {backend:5} vs cpu float32 sdpa: max |dp| = {difference:.2e} {'OK' if ok else 'FAIL'}")
+    bf16 = run_mixed_batch(load_guard_model(checkpoint, device="cuda", dtype="bfloat16"), "sdpa")
+    agree = total = 0
+    for name in cpu:
+        for exact, low in zip(cpu[name], bf16[name], strict=True):
+            agree += exact.index(max(exact)) == low.index(max(low))
+            total += 1
+    print(f"cuda bf16 vs cpu float32: argmax agrees on {agree}/{total} tokens; max |dp| = {max_difference(cpu, bf16):.3f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
