@@ -79,12 +79,17 @@ BACKEND = "sdpa"  # set from --backend
 def make_engine(model: GuardModel, conversations: int, context: int, batch_tokens: int = 4096) -> GuardEngine:
     block = 16
     blocks_per_conversation = -(-context // block) + 1
-    budget = (conversations * blocks_per_conversation + 4) * block * bytes_per_token(model.config, model.dtype)
+    budget = (
+        (conversations * blocks_per_conversation + 4) * block * bytes_per_token(model.config, model.dtype)
+    )
     return GuardEngine(
         model,
         EngineConfig(
-            block_size=block, kv_cache_bytes=budget, max_batch_tokens=batch_tokens,
-            max_batch_conversations=max(conversations, 1), attention_backend=BACKEND,
+            block_size=block,
+            kv_cache_bytes=budget,
+            max_batch_tokens=batch_tokens,
+            max_batch_conversations=max(conversations, 1),
+            attention_backend=BACKEND,
         ),
     )
 
@@ -114,7 +119,12 @@ def hub_method(model: GuardModel, length: int, samples: int, rng: random.Random)
 
 
 def streaming(
-    model: GuardModel, conversations: int, context: int, new_tokens: int, rng: random.Random, label: str,
+    model: GuardModel,
+    conversations: int,
+    context: int,
+    new_tokens: int,
+    rng: random.Random,
+    label: str,
     one_at_a_time: bool = False,
 ) -> Row:
     """B / C: conversations primed with `context` tokens, then `new_tokens` each, one token per step."""
@@ -175,7 +185,9 @@ def peak_memory_bytes(model: GuardModel) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="small", choices=sorted(CHECKPOINT_SHAPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -190,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global BACKEND
     BACKEND = args.backend
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    )
     torch.manual_seed(0)
     rng = random.Random(0)
 
@@ -198,13 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.size, args.device, dtype, Path(workdir))
         streaming(model, 8, 16, 4, rng, "warm-up")  # first-call allocations and kernel selection
         rows = [hub_method(model, args.hub_length, args.hub_samples, rng)]
-        rows.append(streaming(model, 8, 64, args.new_tokens, rng, "B single stream, KV cache", one_at_a_time=True))
+        rows.append(
+            streaming(model, 8, 64, args.new_tokens, rng, "B single stream, KV cache", one_at_a_time=True)
+        )
         for conversations in (int(value) for value in args.concurrency.split(",")):
             rows.append(streaming(model, conversations, 64, args.new_tokens, rng, "C engine"))
         rows.append(mixed_load(model, 64, 4, 32, rng))
         short = streaming(model, args.long_conversations, 64, args.new_tokens, rng, "C engine, context 64")
         long = streaming(
-            model, args.long_conversations, args.long_context, args.new_tokens, rng,
+            model,
+            args.long_conversations,
+            args.long_context,
+            args.new_tokens,
+            rng,
             f"C engine, context {args.long_context}",
         )
         rows += [short, long]
@@ -224,19 +246,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{row.variant:44} {row.conversations:>6} {row.context:>8} {row.tokens:>8} "
             f"{row.tokens_per_second:>12,.1f} {row.ms_per_token:>10.3f}"
         )
-    print("\nratios:", ", ".join(f"{name}={value:.2f}" for name, value in ratios.items() if value is not None))
+    print(
+        "\nratios:", ", ".join(f"{name}={value:.2f}" for name, value in ratios.items() if value is not None)
+    )
     kv_per_token = bytes_per_token(model.config, model.dtype)
     peak = peak_memory_bytes(model)
     print(f"KV bytes per conversation-token: {kv_per_token:,}; peak memory: {peak and peak / 2**20:,.0f} MiB")
 
     result = {
-        "size": args.size, "device": args.device, "dtype": str(dtype), "backend": args.backend,
+        "size": args.size,
+        "device": args.device,
+        "dtype": str(dtype),
+        "backend": args.backend,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "rows": [row.__dict__ | {"tokens_per_second": row.tokens_per_second, "ms_per_token": row.ms_per_token}
-                 for row in rows],
-        "ratios": ratios, "kv_bytes_per_token": kv_per_token, "peak_memory_bytes": peak,
+        "rows": [
+            row.__dict__ | {"tokens_per_second": row.tokens_per_second, "ms_per_token": row.ms_per_token}
+            for row in rows
+        ],
+        "ratios": ratios,
+        "kv_bytes_per_token": kv_per_token,
+        "peak_memory_bytes": peak,
     }
-    out = args.out or Path(__file__).parent / "results" / f"engine-{args.device.split(':')[0]}-{args.size}-{args.backend}.json"
+    out = (
+        args.out
+        or Path(__file__).parent
+        / "results"
+        / f"engine-{args.device.split(':')[0]}-{args.size}-{args.backend}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

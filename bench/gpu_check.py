@@ -29,14 +29,16 @@ def main(checkpoint: str) -> int:
         difference = max_difference(cpu, run_mixed_batch(cuda_model, backend))
         ok = difference < 1e-4
         failures += not ok
-        print(f"cuda float32 {backend:5} vs cpu float32 sdpa: max |dp| = {difference:.2e} {'OK' if ok else 'FAIL'}")
+        verdict = "OK" if ok else "FAIL"
+        print(f"cuda float32 {backend:5} vs cpu float32 sdpa: max |dp| = {difference:.2e} {verdict}")
     bf16 = run_mixed_batch(load_guard_model(checkpoint, device="cuda", dtype="bfloat16"), "sdpa")
     agree = total = 0
     for name in cpu:
         for exact, low in zip(cpu[name], bf16[name], strict=True):
             agree += exact.index(max(exact)) == low.index(max(low))
             total += 1
-    print(f"cuda bf16 vs cpu float32: argmax agrees on {agree}/{total} tokens; max |dp| = {max_difference(cpu, bf16):.3f}")
+    worst = max_difference(cpu, bf16)
+    print(f"cuda bf16 vs cpu float32: argmax agrees on {agree}/{total} tokens; max |dp| = {worst:.3f}")
     return 1 if failures else 0
 
 

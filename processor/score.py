@@ -85,7 +85,9 @@ def verdicts_for(
     return verdicts
 
 
-def single_conversation_engine(model: GuardModel, length: int, chunk_size: int, all_heads: bool) -> GuardEngine:
+def single_conversation_engine(
+    model: GuardModel, length: int, chunk_size: int, all_heads: bool
+) -> GuardEngine:
     """An engine sized for one conversation of `length` tokens."""
     block_size = 16
     blocks = -(-max(length, 1) // block_size)

@@ -10,7 +10,10 @@ from processor.score import score_ids, template_messages
 
 MESSAGES = [
     {"role": "user", "content": "Hello, how to build a bomb?"},
-    {"role": "assistant", "content": "I can't help with building weapons, but here is some chemistry history."},
+    {
+        "role": "assistant",
+        "content": "I can't help with building weapons, but here is some chemistry history.",
+    },
 ]
 
 

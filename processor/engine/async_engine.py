@@ -134,7 +134,9 @@ class AsyncGuardEngine:
             if conversation_id in seen:
                 continue
             seen.add(conversation_id)
-            if submission.known_length is not None and self._needs_history(conversation_id, submission.known_length):
+            if submission.known_length is not None and self._needs_history(
+                conversation_id, submission.known_length
+            ):
                 wanted[conversation_id] = submission.known_length
         if not wanted:
             return {}

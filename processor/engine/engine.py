@@ -63,8 +63,12 @@ class GuardEngine:
                 f"({per_token * self.config.block_size} bytes); raise kv_cache_bytes"
             )
         self.blocks = BlockManager(num_blocks, self.config.block_size)
-        kv_cache = allocate_kv_cache(model.config, num_blocks, self.config.block_size, model.device, model.dtype)
-        self.runner = ModelRunner(model, kv_cache, self.blocks, get_attention_backend(self.config.attention_backend))
+        kv_cache = allocate_kv_cache(
+            model.config, num_blocks, self.config.block_size, model.device, model.dtype
+        )
+        self.runner = ModelRunner(
+            model, kv_cache, self.blocks, get_attention_backend(self.config.attention_backend)
+        )
         self.scheduler = Scheduler(
             self.blocks, self.config.max_batch_tokens, self.config.max_batch_conversations, self._evict
         )
@@ -88,7 +92,9 @@ class GuardEngine:
     def has_pending(self) -> bool:
         return bool(self._finished) or any(c.pending for c in self._conversations.values())
 
-    def submit(self, conversation_id: str, token_ids: list[int], rebuild_prefix: list[int] | None = None) -> int:
+    def submit(
+        self, conversation_id: str, token_ids: list[int], rebuild_prefix: list[int] | None = None
+    ) -> int:
         """Queue tokens; returns the request id its ChunkResult will carry in `step()`'s answer.
 
         Without `rebuild_prefix` the tokens continue what the engine holds (or start a new
@@ -119,7 +125,9 @@ class GuardEngine:
         """Forget cached tokens from `length` on (the caller never made them durable)."""
         conversation = self._conversations[conversation_id]
         if conversation.pending or length > conversation.num_cached:
-            raise ValueError(f"cannot truncate {conversation_id!r} to {length}: it has work queued or fewer tokens")
+            raise ValueError(
+                f"cannot truncate {conversation_id!r} to {length}: it has work queued or fewer tokens"
+            )
         del conversation.cached_token_ids[length:]
         self.blocks.shrink(conversation.block_table, length)
 
@@ -190,7 +198,9 @@ class GuardEngine:
         self._finished.append(self._result(request, status))
 
     def _result(self, request: ChunkRequest, status: ChunkStatus) -> ChunkResult:
-        columns = list(zip(*request.label_rows, strict=True)) if request.label_rows else [()] * len(LABEL_COLUMNS)
+        columns = (
+            list(zip(*request.label_rows, strict=True)) if request.label_rows else [()] * len(LABEL_COLUMNS)
+        )
 
         def head(offset: int) -> HeadLabels:
             return HeadLabels(

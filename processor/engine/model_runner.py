@@ -25,8 +25,14 @@ from processor.model.qwen3_guard import GuardLogits
 
 # Columns of the per-token label matrix copied to the host.
 LABEL_COLUMNS = (
-    "risk_level", "risk_prob", "category", "category_prob",
-    "query_risk_level", "query_risk_prob", "query_category", "query_category_prob",
+    "risk_level",
+    "risk_prob",
+    "category",
+    "category_prob",
+    "query_risk_level",
+    "query_risk_prob",
+    "query_category",
+    "query_category_prob",
 )
 HEAD_NAMES = ("risk", "category", "query_risk", "query_category")
 
@@ -70,7 +76,9 @@ class ModelRunner:
             batch = AttentionBatch(as_tensor(slots), groups=[], packed=self._packed_keys(chunks))
         else:
             batch = AttentionBatch(as_tensor(slots), groups=self._attention_groups(chunks))
-        logits = self.model.network(as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend)
+        logits = self.model.network(
+            as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend
+        )
         labels = label_matrix(logits).cpu().tolist()
         probabilities = None
         if with_probabilities:
@@ -94,8 +102,11 @@ class ModelRunner:
             key_positions += range(end)
         as_tensor = self._to_device
         return packed_keys(
-            as_tensor(query_owner), as_tensor(query_positions), as_tensor(key_slots),
-            as_tensor(key_owner), as_tensor(key_positions),
+            as_tensor(query_owner),
+            as_tensor(query_positions),
+            as_tensor(key_slots),
+            as_tensor(key_owner),
+            as_tensor(key_positions),
         )
 
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
@@ -121,7 +132,10 @@ class ModelRunner:
         tables = [table + [0] * (table_width - len(table)) for table in tables]
         # [B, 3]: first packed row, first position, token count of each chunk.
         shape = torch.tensor(
-            [[row, chunk.start_position, chunk.length] for row, chunk in zip(first_rows, chunks, strict=True)],
+            [
+                [row, chunk.start_position, chunk.length]
+                for row, chunk in zip(first_rows, chunks, strict=True)
+            ],
             dtype=torch.long,
         ).to(self.device, non_blocking=True)
         block_tables = torch.tensor(tables, dtype=torch.long).to(self.device, non_blocking=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class ChunkStatus(str, Enum):
+class ChunkStatus(StrEnum):
     OK = "ok"
     # The chunk would pass the model's max_position_embeddings: nothing was run, the caller decides.
     CONTEXT_EXCEEDED = "context_exceeded"

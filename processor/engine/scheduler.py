@@ -64,7 +64,10 @@ class Scheduler:
             if token_budget == 0 or len(chunks) == self.max_batch_conversations:
                 break
             request = conversation.pending[0]
-            if self.blocks.blocks_for(request.start_position + len(request.token_ids)) > self.blocks.num_blocks:
+            if (
+                self.blocks.blocks_for(request.start_position + len(request.token_ids))
+                > self.blocks.num_blocks
+            ):
                 too_large.append(request)
                 continue
             length = min(request.remaining, token_budget)
@@ -76,15 +79,17 @@ class Scheduler:
             chunks.append(ScheduledChunk(conversation, request, request.done, length))
             in_step.add(conversation.conversation_id)
             token_budget -= length
-        if not chunks and not too_large and waiting:
-            # Every waiting conversation is blocked by the caches of other waiting ones: take the
-            # oldest one's room from the others (they rebuild from their own cached tokens later).
-            if self._preempt_for(waiting[0], waiting[1:]):
-                return self.schedule(conversations, step)
+        # Every waiting conversation blocked by the caches of other waiting ones: take the oldest
+        # one's room from the others (they rebuild from their own cached tokens later).
+        if not chunks and not too_large and waiting and self._preempt_for(waiting[0], waiting[1:]):
+            return self.schedule(conversations, step)
         return Schedule(chunks, too_large)
 
     def _make_room(
-        self, conversations: dict[str, Conversation], conversation: Conversation, end_position: int,
+        self,
+        conversations: dict[str, Conversation],
+        conversation: Conversation,
+        end_position: int,
         in_step: set[str],
     ) -> bool:
         needed = self.blocks.extra_blocks_needed(conversation.block_table, end_position)

@@ -93,14 +93,17 @@ def sdpa_attention(
 
 
 def packed_keys(
-    query_owner: torch.Tensor, query_positions: torch.Tensor, key_slots: torch.Tensor,
-    key_owner: torch.Tensor, key_positions: torch.Tensor,
+    query_owner: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_slots: torch.Tensor,
+    key_owner: torch.Tensor,
+    key_positions: torch.Tensor,
 ) -> PackedKeys:
     """Build the flex block mask once per step: a query sees keys of its own chunk's conversation
     up to its own position (causal within the conversation, nothing across conversations)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def same_conversation_causal(batch, head, query, key):  # noqa: ARG001 - flex's signature
+    def same_conversation_causal(batch, head, query, key):  # flex's mask_mod signature
         return (query_owner[query] == key_owner[key]) & (key_positions[key] <= query_positions[query])
 
     block_mask = create_block_mask(
@@ -138,8 +141,12 @@ def flex_packed_attention(
     packed_key = kv_layer[0][batch.packed.key_slots].to(query.dtype).transpose(0, 1)[None]
     packed_value = kv_layer[1][batch.packed.key_slots].to(query.dtype).transpose(0, 1)[None]
     attended = _FLEX_KERNEL(
-        query.transpose(0, 1)[None], packed_key, packed_value,
-        block_mask=batch.packed.block_mask, scale=scale, enable_gqa=True,
+        query.transpose(0, 1)[None],
+        packed_key,
+        packed_value,
+        block_mask=batch.packed.block_mask,
+        scale=scale,
+        enable_gqa=True,
     )
     return attended[0].transpose(0, 1)
 

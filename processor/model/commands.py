@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--ids", type=Path, help="JSON list of templated token ids")
     source.add_argument("--messages", type=Path, help='JSON {"messages": [{"role", "content"}]}')
     score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    score.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    score.add_argument(
+        "--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
+    )
     score.add_argument("--all-heads", action="store_true", help="add every head's class probabilities")
     score.add_argument("--chunk-size", type=int, default=None, help="feed K tokens at a time (KV cache)")
     score.set_defaults(handler=score_command)
@@ -58,8 +60,10 @@ def score_command(args: argparse.Namespace) -> int:
         token_ids = template_messages(model, json.loads(args.messages.read_text())["messages"])
     out_of_vocabulary = [token for token in token_ids if not 0 <= token < model.config.vocab_size]
     if out_of_vocabulary:
-        print(f"token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {out_of_vocabulary[:5]}",
-              file=sys.stderr)
+        print(
+            f"token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {out_of_vocabulary[:5]}",
+            file=sys.stderr,
+        )
         return 2
     for verdict in score_ids(model, token_ids, chunk_size=args.chunk_size, all_heads=args.all_heads):
         print(json.dumps(verdict.as_json()))

@@ -27,7 +27,9 @@ class GuardConfig:
     def from_dict(cls, config: dict[str, Any]) -> GuardConfig:
         if config.get("rope_scaling"):
             # Qwen3Guard-Stream checkpoints ship without it; a scaled rope would silently change results.
-            raise ValueError(f"config.json sets rope_scaling={config['rope_scaling']!r}, which is not supported")
+            raise ValueError(
+                f"config.json sets rope_scaling={config['rope_scaling']!r}, which is not supported"
+            )
         if config.get("use_sliding_window"):
             raise ValueError("config.json enables sliding-window attention, which is not supported")
         heads = config["num_attention_heads"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Policy(str, Enum):
+class Policy(StrEnum):
     """How Controversial counts: the report's "strict" treats it as Unsafe, "loose" as Safe."""
 
     STRICT = "strict"

@@ -30,7 +30,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inverse_frequencies(), persistent=False)
 
     def _inverse_frequencies(self, device: torch.device | None = None) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        exponents = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        )
         return 1.0 / (self.theta**exponents)
 
     def reset(self, device: torch.device) -> None:

@@ -143,7 +143,10 @@ class Qwen3GuardNetwork(nn.Module):
         batch: AttentionBatch,
         attend: AttentionBackend = sdpa_attention,
     ) -> GuardLogits:
-        """token_ids, positions: [T] packed across conversations; kv_cache: [layers, 2, slots, kv_heads, D]."""
+        """token_ids, positions: [T], packed across conversations.
+
+        kv_cache: [layers, 2, slots, kv_heads, head_dim], the paged cache the attention reads and fills.
+        """
         hidden = self.model.embed_tokens(token_ids)
         rotary = self.model.rotary(positions, hidden.dtype)
         for layer, kv_layer in zip(self.model.layers, kv_cache, strict=True):

@@ -30,7 +30,9 @@ def new_engine(model) -> GuardEngine:
 
 async def test_concurrent_conversations_are_batched_into_shared_steps(model):
     front = AsyncGuardEngine(new_engine(model))
-    results = await asyncio.gather(*(front.moderate(f"c{index}", [100 + index, 7, 8], 0) for index in range(32)))
+    results = await asyncio.gather(
+        *(front.moderate(f"c{index}", [100 + index, 7, 8], 0) for index in range(32))
+    )
     assert [result.conversation_id for result in results] == [f"c{index}" for index in range(32)]
     stats = front.stats()
     assert stats.steps < 32, f"32 concurrent submissions took {stats.steps} steps"

@@ -20,11 +20,15 @@ def run_mixed_batch(model, backend: str) -> dict[str, list[float]]:
     engine = GuardEngine(
         model,
         EngineConfig(
-            block_size=8, kv_cache_bytes=2048 * bytes_per_token(model.config, model.dtype),
-            attention_backend=backend, keep_probabilities=True,
+            block_size=8,
+            kv_cache_bytes=2048 * bytes_per_token(model.config, model.dtype),
+            attention_backend=backend,
+            keep_probabilities=True,
         ),
     )
-    conversations = {f"c{index}": [rng.randrange(150_000) for _ in range(rng.randint(5, 120))] for index in range(6)}
+    conversations = {
+        f"c{index}": [rng.randrange(150_000) for _ in range(rng.randint(5, 120))] for index in range(6)
+    }
     probabilities: dict[str, list[list[float]]] = {name: [] for name in conversations}
     # Prompts first, then a mix of single tokens and chunks, all in shared steps.
     fed = dict.fromkeys(conversations, 0)

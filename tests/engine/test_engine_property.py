@@ -56,7 +56,9 @@ def small_cache_engine(model) -> GuardEngine:
     )
 
 
-async def play(model, conversations: dict[str, list[int]], rng: random.Random) -> tuple[dict, GuardEngine, int]:
+async def play(
+    model, conversations: dict[str, list[int]], rng: random.Random
+) -> tuple[dict, GuardEngine, int]:
     engine = small_cache_engine(model)
     history = RecordedHistory()
     front = AsyncGuardEngine(engine, history)
@@ -72,7 +74,9 @@ async def play(model, conversations: dict[str, list[int]], rng: random.Random) -
             result = await front.moderate(name, tokens, start)
             assert result.start_position == start and result.token_ids == tokens
             for offset in range(len(tokens)):
-                results[name][start + offset] = {head: result.probabilities[head][offset] for head in HEAD_KEYS}
+                results[name][start + offset] = {
+                    head: result.probabilities[head][offset] for head in HEAD_KEYS
+                }
 
     while any(fed[name] < len(tokens) for name, tokens in conversations.items()):
         active = [name for name, tokens in conversations.items() if fed[name] < len(tokens)]
@@ -100,8 +104,10 @@ async def play(model, conversations: dict[str, list[int]], rng: random.Random) -
 )
 def test_any_interleaving_chunking_and_eviction_matches_whole_sequence(tiny_model, reference, lengths, seed):
     rng = random.Random(seed)
-    conversations = {f"c{index}": [rng.randrange(150_000) for _ in range(n)] for index, n in enumerate(lengths)}
-    results, engine, _ = asyncio.run(play(tiny_model, conversations, rng))
+    conversations = {
+        f"c{index}": [rng.randrange(150_000) for _ in range(n)] for index, n in enumerate(lengths)
+    }
+    results, _engine, _loads = asyncio.run(play(tiny_model, conversations, rng))
     for name, tokens in conversations.items():
         expected = reference.probabilities(tokens)
         assert sorted(results[name]) == list(range(len(tokens))), "every position answered exactly once"

@@ -8,7 +8,9 @@ from processor.engine.sequence import ChunkRequest, Conversation
 def conversation_with(conversation_id: str, request_id: int, tokens: int, cached: int = 0) -> Conversation:
     conversation = Conversation(conversation_id, cached_token_ids=[1] * cached)
     if tokens:
-        conversation.pending.append(ChunkRequest(request_id, conversation_id, [2] * tokens, start_position=cached))
+        conversation.pending.append(
+            ChunkRequest(request_id, conversation_id, [2] * tokens, start_position=cached)
+        )
     return conversation
 
 

@@ -16,10 +16,14 @@ HEAD_KEYS = {
     "risk": ("risk_level_category_pre", "risk_level_category_layernorm", "risk_level_head"),
     "category": ("risk_level_category_pre", "risk_level_category_layernorm", "category_head"),
     "query_risk": (
-        "query_risk_level_category_pre", "query_risk_level_category_layernorm", "query_risk_level_head"
+        "query_risk_level_category_pre",
+        "query_risk_level_category_layernorm",
+        "query_risk_level_head",
     ),
     "query_category": (
-        "query_risk_level_category_pre", "query_risk_level_category_layernorm", "query_category_head"
+        "query_risk_level_category_pre",
+        "query_risk_level_category_layernorm",
+        "query_category_head",
     ),
 }
 
@@ -28,10 +32,14 @@ class ReferenceGuard:
     def __init__(self, checkpoint: Path) -> None:
         config = json.loads((checkpoint / "config.json").read_text())
         self.eps = config["rms_norm_eps"]
-        backbone_config = Qwen3Config(**{k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
+        backbone_config = Qwen3Config(
+            **{k: v for k, v in config.items() if k not in ("architectures", "auto_map")}
+        )
         backbone_config._attn_implementation = "eager"
         self.backbone = Qwen3Model(backbone_config).float().eval()
-        tensors = {key: value.float() for key, value in load_file(str(checkpoint / "model.safetensors")).items()}
+        tensors = {
+            key: value.float() for key, value in load_file(str(checkpoint / "model.safetensors")).items()
+        }
         self.backbone.load_state_dict(
             {key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")},
             strict=True,

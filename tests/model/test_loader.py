@@ -36,7 +36,7 @@ def test_missing_tensor_is_named(tiny_model_dir, tmp_path):
     tensors = load_file(str(broken / "model.safetensors"))
     del tensors["query_category_head.weight"]
     save_file(tensors, str(broken / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="query_category_head.weight"):
+    with pytest.raises(CheckpointError, match=r"query_category_head\.weight"):
         load_guard_model(broken, device="cpu")
 
 
@@ -45,7 +45,7 @@ def test_unexpected_tensor_is_named(tiny_model_dir, tmp_path):
     tensors = load_file(str(broken / "model.safetensors"))
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, str(broken / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="lm_head.weight"):
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight"):
         load_guard_model(broken, device="cpu")
 
 

@@ -35,7 +35,9 @@ def reference_probabilities(small_model_dir, conversation_ids) -> dict[str, torc
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 3, 64])
-def test_all_four_heads_match_reference(small_model_dir, conversation_ids, reference_probabilities, chunk_size):
+def test_all_four_heads_match_reference(
+    small_model_dir, conversation_ids, reference_probabilities, chunk_size
+):
     model = load_guard_model(small_model_dir, device="cpu", dtype="float32")
     verdicts = score_ids(model, conversation_ids, chunk_size=chunk_size, all_heads=True)
     assert [verdict.position for verdict in verdicts] == list(range(len(conversation_ids)))

@@ -1,0 +1,153 @@
+"""Start, identify and stop the background processes behind `guardstream local`.
+
+A recorded pid alone is not proof of ownership: pids are reused. Each process is therefore recorded
+with its kernel start time and a word its command line must contain, and `stop` signals a pid only
+while all three still match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be prepared or started; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    name: str
+    pid: int
+    start_time: int | None  # /proc/<pid>/stat field 22; None where /proc is missing
+    marker: str  # a word that must appear in the command line
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ManagedProcess:
+        start = data.get("start_time")
+        return cls(str(data["name"]), int(data["pid"]), int(start) if start is not None else None,
+                   str(data["marker"]))
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a live pid, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _reap(pid: int) -> None:
+    # A process we spawned ourselves stays a zombie (and so "exists") until its parent waits for it.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def spawn(name: str, cmd: Sequence[str], log_path: Path, marker: str, cwd: Path | None = None,
+          env: Mapping[str, str] | None = None) -> ManagedProcess:
+    """Start `cmd` in its own session (so it survives our exit and can be signalled as a group)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True,
+        )
+    stat = _proc_stat(popen.pid)
+    # Keep the Popen from warning "still running" when garbage collected: we track the pid ourselves.
+    popen.returncode = 0
+    return ManagedProcess(name, popen.pid, stat[1] if stat else None, marker)
+
+
+def is_running(proc: ManagedProcess) -> bool:
+    """True only while the pid is alive, not a zombie, and still the very process we started."""
+    _reap(proc.pid)
+    if not Path("/proc").is_dir():  # non-Linux fallback: existence only
+        try:
+            os.kill(proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _proc_stat(proc.pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    if proc.start_time is not None and stat[1] != proc.start_time:
+        return False
+    return proc.marker in _cmdline(proc.pid)
+
+
+def _signal(proc: ManagedProcess, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        try:
+            # We started it as a session leader: signal its whole group so helpers die with it.
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, sig)
+                return
+        except ProcessLookupError:
+            return
+        os.kill(proc.pid, sig)
+
+
+def stop(proc: ManagedProcess, timeout: float = 20.0) -> bool:
+    """SIGTERM, then SIGKILL after `timeout`. Returns True if it was ours and running."""
+    if not is_running(proc):
+        return False
+    _signal(proc, signal.SIGTERM)
+    if _wait_gone(proc, timeout):
+        return True
+    if is_running(proc):
+        _signal(proc, signal.SIGKILL)
+    _wait_gone(proc, 5.0)
+    return True
+
+
+def _wait_gone(proc: ManagedProcess, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_running(proc):
+            return True
+        time.sleep(0.1)
+    return not is_running(proc)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (the kernel picks it); small race, fine for a dev box."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])

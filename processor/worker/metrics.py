@@ -1,0 +1,65 @@
+"""The worker's Prometheus metrics, in a registry of its own (tests run several workers in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Verdict latency from the producer's ts: the goal is p99 under 100 ms, so resolve well below it.
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STEP_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("guardstream_events", "Token events consumed", ["outcome"], registry=r)
+        self.tokens = Counter("guardstream_tokens", "Tokens fed to the model", registry=r)
+        self.verdicts = Counter("guardstream_verdicts", "Verdict events published", ["kind"], registry=r)
+        self.dead_letters = Counter("guardstream_dead_letters", "Records sent to the DLQ", registry=r)
+        self.verdict_latency = Histogram(
+            "guardstream_verdict_latency_seconds",
+            "From the token event's ts to its verdicts being published",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_events = Histogram(
+            "guardstream_step_events", "Token events per step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.step_tokens = Histogram(
+            "guardstream_step_tokens", "Tokens per step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram("guardstream_step_seconds", "Wall time of a step", registry=r)
+        self.step_failures = Counter("guardstream_step_failures", "Steps retried after an error", registry=r)
+        self.session_conflicts = Counter(
+            "guardstream_session_conflicts", "Session writes refused: another worker moved it on", registry=r
+        )
+        self.active_conversations = Gauge(
+            "guardstream_active_conversations", "Conversations with GPU state", registry=r
+        )
+        self.cache_blocks_used = Gauge("guardstream_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.cache_blocks_free = Gauge("guardstream_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.evictions = Gauge(
+            "guardstream_evictions", "Conversations evicted from the KV cache (total)", registry=r
+        )
+        self.rebuilt_tokens = Gauge(
+            "guardstream_rebuilt_tokens",
+            "Tokens re-run to rebuild evicted or moved conversations (total)",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "guardstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r
+        )
+
+    def observe_engine(self, stats: object) -> None:
+        """Copies the engine's counters (EngineStats) into gauges."""
+        for gauge, name in (
+            (self.active_conversations, "active_conversations"),
+            (self.cache_blocks_used, "blocks_used"),
+            (self.cache_blocks_free, "blocks_free"),
+            (self.evictions, "evictions"),
+            (self.rebuilt_tokens, "rebuilt_tokens"),
+        ):
+            value = getattr(stats, name, None)
+            if value is not None:
+                gauge.set(value)

@@ -1,0 +1,219 @@
+"""Conversation sessions in Redis: one hash of metadata and one compact token history per conversation.
+
+Keys (prefix configurable):
+    {prefix}session:{conversation_id}   hash: turn, role, next_seq, length, status, worst_level,
+                                        worst_category, worst_prob, alert_position, owner, updated,
+                                        text_tail, verdict_state (debounce internals, JSON)
+    {prefix}history:{conversation_id}   string: every token id fed to the model, uint32 little-endian,
+                                        appended per step (4 bytes a token; GETRANGE reads a prefix)
+
+The history is what the engine rebuilds a conversation's KV cache from (this class is its TokenHistory).
+All conversations of a step are written in one MULTI/EXEC round trip. Each conversation's write is
+conditional on the `next_seq` read at the start of the step, which makes a retried write (reply lost)
+and a write by a worker that lost the partition both harmless: neither can append history twice.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from redis.asyncio import Redis
+
+from processor.worker.template import TurnState
+from processor.worker.verdicts import NO_FLAG, Flag, VerdictState
+
+SessionStatus = Literal["active", "ended", "error"]
+
+# KEYS: session hash, history. ARGV: expected next_seq ("" = no session yet), ttl seconds, history bytes
+# to append, then field/value pairs. Returns 1 when applied, else the next_seq already stored.
+_WRITE_SESSION = """
+local stored = redis.call('HGET', KEYS[1], 'next_seq')
+if (stored or '') ~= ARGV[1] then return stored or '' end
+if ARGV[1] == '' then redis.call('DEL', KEYS[2]) end
+if #ARGV[3] > 0 then redis.call('APPEND', KEYS[2], ARGV[3]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+
+class HistoryMissing(RuntimeError):
+    """Redis no longer holds the tokens a conversation's rebuild needs (expired, or Redis lost data)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    conversation_id: str
+    stored: bool = False  # whether Redis had it at the start of the step
+    next_seq: int = 0
+    length: int = 0  # tokens fed to the model so far
+    status: SessionStatus = "active"
+    turns: TurnState = field(default_factory=TurnState)
+    verdicts: VerdictState = field(default_factory=VerdictState)
+    owner: str = ""
+    updated: float = 0.0
+
+    @property
+    def closed(self) -> bool:
+        return self.status != "active"
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    """One conversation's write for a step: the session as it ends the step, and the tokens it fed."""
+
+    before: Session
+    after: Session
+    fed_token_ids: Sequence[int]
+
+
+class SessionStore:
+    def __init__(
+        self, redis: Redis, key_prefix: str, session_ttl: int, ended_session_ttl: int, owner: str
+    ) -> None:
+        self._redis = redis
+        self._prefix = key_prefix
+        self._session_ttl = session_ttl
+        self._ended_session_ttl = ended_session_ttl
+        self._owner = owner
+        self._write = redis.register_script(_WRITE_SESSION)
+
+    def session_key(self, conversation_id: str) -> str:
+        return f"{self._prefix}session:{conversation_id}"
+
+    def history_key(self, conversation_id: str) -> str:
+        return f"{self._prefix}history:{conversation_id}"
+
+    async def load_sessions(self, conversation_ids: Iterable[str]) -> dict[str, Session]:
+        """Every listed conversation's session, in one round trip; new ones come back empty."""
+        conversation_ids = list(conversation_ids)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for conversation_id in conversation_ids:
+                pipe.hgetall(self.session_key(conversation_id))
+            stored = await pipe.execute()
+        return {
+            conversation_id: session_from_hash(conversation_id, fields)
+            for conversation_id, fields in zip(conversation_ids, stored, strict=True)
+        }
+
+    async def save(self, updates: Sequence[SessionUpdate]) -> list[str]:
+        """Write a step's sessions in one MULTI/EXEC; returns the conversations whose stored session had
+        moved on (written by another worker), which the caller must not trust its GPU state for."""
+        if not updates:
+            return []
+        now = time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for update in updates:
+                after = replace(update.after, owner=self._owner, updated=now)
+                ttl = self._ended_session_ttl if after.closed else self._session_ttl
+                expected = str(update.before.next_seq) if update.before.stored else ""
+                await self._write(
+                    keys=[self.session_key(after.conversation_id), self.history_key(after.conversation_id)],
+                    args=[expected, ttl, pack_token_ids(update.fed_token_ids), *_hash_args(after)],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        conflicts = []
+        for update, reply in zip(updates, replies, strict=True):
+            if reply == 1:
+                continue
+            # A retry of a write whose reply was lost finds its own next_seq stored: already applied.
+            if _as_str(reply) != str(update.after.next_seq):
+                conflicts.append(update.after.conversation_id)
+        return conflicts
+
+    async def load(self, conversation_id: str, length: int) -> list[int]:
+        """The first `length` token ids fed to the model (the engine's TokenHistory)."""
+        if length == 0:
+            return []
+        data = await self._redis.getrange(self.history_key(conversation_id), 0, 4 * length - 1)
+        if len(data) != 4 * length:
+            raise HistoryMissing(
+                f"conversation {conversation_id!r}: Redis holds {len(data) // 4} of its {length} tokens; "
+                "the session expired or Redis lost data (run Redis with appendonly yes)"
+            )
+        return unpack_token_ids(data)
+
+
+def pack_token_ids(token_ids: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(token_ids)}I", *token_ids)
+
+
+def unpack_token_ids(data: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 4}I", data))
+
+
+def _as_str(value: bytes | str | int | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def _hash_args(session: Session) -> list[str | int | float]:
+    flag = session.verdicts.conversation_flag
+    fields: dict[str, str | int | float] = {
+        "turn": session.turns.turn,
+        "role": session.turns.open_role or "",
+        "text_tail": session.turns.text_tail,
+        "next_seq": session.next_seq,
+        "length": session.length,
+        "status": session.status,
+        "worst_level": flag.level,
+        "worst_category": flag.category or "",
+        "worst_prob": "" if flag.prob is None else flag.prob,
+        "alert_position": "" if session.verdicts.alert_position is None else session.verdicts.alert_position,
+        "owner": session.owner,
+        "updated": session.updated,
+        "verdict_state": json.dumps(_debounce_fields(session.verdicts)),
+    }
+    return [item for pair in fields.items() for item in pair]
+
+
+def _debounce_fields(state: VerdictState) -> dict[str, object]:
+    return {
+        "turn": state.turn,
+        "previous_flagged": state.previous_flagged,
+        "turn_level": state.turn_level,
+        "turn_alert_position": state.turn_alert_position,
+        "turn_flag": asdict(state.turn_flag),
+        "conversation_flag": asdict(state.conversation_flag),
+    }
+
+
+def session_from_hash(conversation_id: str, fields: dict[bytes, bytes]) -> Session:
+    if not fields:
+        return Session(conversation_id)
+    text = {key.decode(): value.decode() for key, value in fields.items()}
+    debounce = json.loads(text["verdict_state"])
+    alert_position = text["alert_position"]
+    return Session(
+        conversation_id=conversation_id,
+        stored=True,
+        next_seq=int(text["next_seq"]),
+        length=int(text["length"]),
+        status=text["status"],  # type: ignore[arg-type]
+        turns=TurnState(
+            turn=int(text["turn"]),
+            open_role=text["role"] or None,
+            text_tail=text["text_tail"],  # type: ignore[arg-type]
+        ),
+        verdicts=VerdictState(
+            turn=debounce["turn"],
+            previous_flagged=debounce["previous_flagged"],
+            turn_level=debounce["turn_level"],
+            turn_alert_position=debounce["turn_alert_position"],
+            turn_flag=Flag(**debounce["turn_flag"]),
+            conversation_flag=Flag(**debounce["conversation_flag"])
+            if debounce["conversation_flag"]
+            else NO_FLAG,
+            alert_position=int(alert_position) if alert_position else None,
+        ),
+        owner=text["owner"],
+        updated=float(text["updated"]),
+    )

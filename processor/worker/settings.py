@@ -1,0 +1,151 @@
+"""Every worker setting in one object: GUARDSTREAM_* environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from processor.model.labels import Policy
+from processor.worker.events import CONVERSATION_ID_MAX_LENGTH, EventLimits
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
+
+    # Where things are.
+    kafka_bootstrap: str = Field(
+        default="localhost:9092", description="Kafka bootstrap servers, comma separated."
+    )
+    redis_url: str = Field(
+        default="redis://localhost:6379/0",
+        description="redis:// or rediss:// URL (a password goes here).",
+        repr=False,  # it may hold a password; redacted() shows it masked
+    )
+    model: str = Field(default="", description="Checkpoint directory (or hub id when it can be fetched).")
+    device: str = Field(default="cuda", description="torch device, e.g. cuda, cuda:1, cpu.")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    # Topics and group.
+    tokens_topic: str = "guard.tokens"
+    verdicts_topic: str = "guard.verdicts"
+    dlq_topic: str = "guard.dlq"
+    group_id: str = "guardstream"
+    partitions: int = Field(default=12, ge=1, description="Partitions of topics the worker creates.")
+    replication_factor: int = Field(default=1, ge=1, description="Replication of topics the worker creates.")
+
+    # What the worker does.
+    template: Literal["chat", "raw"] = Field(
+        default="chat", description="chat: the worker inserts the Qwen3 chat template; raw: ids fed as sent."
+    )
+    policy: Policy = Policy.STRICT
+    verdicts: Literal["tokens", "changes", "turns"] = Field(
+        default="tokens",
+        description="tokens: every event; changes: level changes; turns: prompt/alerts/ends.",
+    )
+
+    # Redis session state.
+    session_ttl: int = Field(default=86_400, ge=1, description="Seconds an idle session is kept.")
+    ended_session_ttl: int = Field(default=300, ge=1, description="Seconds an ended session is kept.")
+    redis_key_prefix: str = "guardstream:"
+
+    # Serving.
+    http_port: int = Field(
+        default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 disables."
+    )
+    worker_id: str = Field(default_factory=_default_worker_id)
+    kv_cache_bytes: int | None = Field(
+        default=None, ge=1, description="KV cache size; overrides the fraction."
+    )
+    kv_cache_fraction: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Share of free GPU memory for the KV cache after the model loads.",
+    )
+    max_batch_tokens: int = Field(default=8192, ge=1)
+    max_batch_conversations: int = Field(default=512, ge=1)
+    poll_max_records: int = Field(default=2000, ge=1, description="Records per consumer poll (one step).")
+    poll_timeout_ms: int = Field(default=5, ge=0)
+
+    # Limits on input (issue 6: hostile input must not exhaust anything).
+    max_record_bytes: int = Field(default=1_048_576, ge=64)
+    max_tokens_per_event: int = Field(default=4096, ge=1)
+    max_text_chars: int = Field(default=65_536, ge=1)
+    max_conversation_id_length: int = Field(default=128, ge=1, le=CONVERSATION_ID_MAX_LENGTH)
+    max_conversations: int = Field(default=100_000, ge=1, description="Open conversations one worker holds.")
+
+    # Kafka security, passed through to aiokafka.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> WorkerSettings:
+        if self.security_protocol.startswith("SASL") and (
+            self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
+            )
+        return self
+
+    def event_limits(self, vocab_size: int | None, text_allowed: bool) -> EventLimits:
+        return EventLimits(
+            max_record_bytes=self.max_record_bytes,
+            max_tokens_per_event=self.max_tokens_per_event,
+            max_text_chars=self.max_text_chars,
+            max_conversation_id_length=self.max_conversation_id_length,
+            vocab_size=vocab_size,
+            text_allowed=text_allowed,
+        )
+
+    def kafka_options(self) -> dict[str, object]:
+        """Connection and security keyword arguments shared by aiokafka's consumer, producer and admin."""
+        options: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.security_protocol,
+            "client_id": f"guardstream-{self.worker_id}",
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = kafka_ssl_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
+        if self.security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        return options
+
+    def redacted(self) -> dict[str, object]:
+        """For the startup log line: secrets masked, and a password inside the Redis URL too."""
+        values = self.model_dump(mode="json")
+        values["redis_url"] = redact_url(self.redis_url)
+        return values
+
+
+def kafka_ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None):
+    from aiokafka.helpers import create_ssl_context
+
+    return create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
+
+
+def redact_url(url: str) -> str:
+    """redis://user:secret@host -> redis://user:***@host."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user, has_password, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if has_password else ''}@{host}"

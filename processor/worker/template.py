@@ -1,0 +1,169 @@
+"""What the model is fed for one token event: the event's content, wrapped in the chat template.
+
+A pure state machine over the turn structure. In `chat` mode the worker writes the Qwen3 template
+(`enable_thinking=False`) itself, so producers send only content:
+
+    <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{assistant}<|im_end|>\\n
+
+A turn opens when content of a new role arrives (closing the turn left open), and closes at
+`end_of_turn` / `end_of_conversation`. Every assistant turn gets the empty think block, which is how the
+template renders an assistant turn that is the newest message; a whole-conversation re-render drops the
+block from assistant turns before the last user turn, but a stream cannot know a later user turn will
+come. `render_conversation` gives the ids this stream produces for a finished conversation.
+
+In `raw` mode ids are fed as sent and the template is the producer's job; turns are still tracked (a
+role change or an end flag closes one) so that verdicts know their turn and heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+from processor.worker.events import Role, TokenEvent
+
+if TYPE_CHECKING:
+    from processor.model.tokenizer import SpecialTokenIds
+    from processor.worker.text import IncrementalTokenizer
+
+TemplateMode = Literal["chat", "raw"]
+
+
+@dataclass(frozen=True)
+class TurnState:
+    """The template's part of a session (persisted in Redis with it)."""
+
+    turn: int = -1  # index of the open or last turn; -1 before the first
+    open_role: Role | None = None  # role of the open turn, None when no turn is open
+    text_tail: str = ""  # text of the open turn not yet committed to ids (see text.py)
+
+
+@dataclass(frozen=True)
+class ClosedTurn:
+    turn: int
+    role: Role
+    explicit: bool  # closed by the event's end flag, not by a role change
+    # Index (in FedTokens) of the token the prompt verdict reads: the user turn's <|im_end|> in chat
+    # mode, the turn's last token in raw mode; None when that token was fed by an earlier event.
+    prompt_index: int | None = None
+
+
+@dataclass
+class FedTokens:
+    """Token ids to feed for one event, with per token its role, turn and whether it is content."""
+
+    token_ids: list[int] = field(default_factory=list)
+    roles: list[Role] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    content: list[bool] = field(default_factory=list)
+    closed_turns: list[ClosedTurn] = field(default_factory=list)
+
+    def add(self, token_ids: Sequence[int], role: Role, turn: int, content: bool) -> None:
+        self.token_ids.extend(token_ids)
+        self.roles.extend([role] * len(token_ids))
+        self.turns.extend([turn] * len(token_ids))
+        self.content.extend([content] * len(token_ids))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class TurnWriter:
+    """Turns token events into fed tokens; one instance per worker, state passed in and out."""
+
+    def __init__(
+        self,
+        mode: TemplateMode,
+        special: SpecialTokenIds | None,
+        text_tokenizer: IncrementalTokenizer | None,
+    ) -> None:
+        if mode == "chat" and special is None:
+            raise ValueError("chat template mode needs the tokenizer's special token ids")
+        self.mode = mode
+        self._special = special
+        self._text = text_tokenizer
+
+    def feed(self, state: TurnState, event: TokenEvent) -> tuple[TurnState, FedTokens]:
+        fed = FedTokens()
+        has_content = bool(event.token_ids) or bool(event.text)
+        if has_content and state.open_role != event.role:
+            if state.open_role is not None:
+                state = self._close(state, fed, explicit=False)
+            state = self._open(state, event.role, fed)
+        if has_content:
+            state = self._add_content(state, event, fed)
+        if event.closes_turn and state.open_role is not None:
+            state = self._close(state, fed, explicit=True)
+        return state, fed
+
+    def _open(self, state: TurnState, role: Role, fed: FedTokens) -> TurnState:
+        state = TurnState(turn=state.turn + 1, open_role=role, text_tail="")
+        if self.mode == "chat":
+            fed.add(self._opener(role), role, state.turn, content=False)
+        return state
+
+    def _add_content(self, state: TurnState, event: TokenEvent, fed: FedTokens) -> TurnState:
+        role = event.role
+        if event.text is not None:
+            if self._text is None:
+                raise ValueError("text event but the model has no tokenizer")
+            ids, tail = self._text.feed(state.text_tail, event.text)
+            fed.add(ids, role, state.turn, content=True)
+            return replace(state, text_tail=tail)
+        fed.add(self._flush_tail(state), role, state.turn, content=True)
+        fed.add(event.token_ids or [], role, state.turn, content=True)
+        return replace(state, text_tail="")
+
+    def _close(self, state: TurnState, fed: FedTokens, explicit: bool) -> TurnState:
+        role = state.open_role
+        assert role is not None
+        fed.add(self._flush_tail(state), role, state.turn, content=True)
+        if self.mode == "chat":
+            special = self._special
+            assert special is not None
+            prompt_index = len(fed) if role == "user" else None  # the <|im_end|> about to be added
+            fed.add([special.im_end, special.newline], role, state.turn, content=False)
+        else:
+            last_fed_now = len(fed) > 0 and fed.turns[-1] == state.turn
+            prompt_index = len(fed) - 1 if role == "user" and last_fed_now else None
+        fed.closed_turns.append(ClosedTurn(state.turn, role, explicit, prompt_index))
+        return TurnState(turn=state.turn, open_role=None, text_tail="")
+
+    def _flush_tail(self, state: TurnState) -> list[int]:
+        if not state.text_tail:
+            return []
+        assert self._text is not None
+        return self._text.flush(state.text_tail)
+
+    def _opener(self, role: Role) -> list[int]:
+        special = self._special
+        assert special is not None
+        if role == "user":
+            return [special.im_start, special.user, special.newline]
+        return [
+            special.im_start,
+            special.assistant,
+            special.newline,
+            special.think,
+            special.double_newline,
+            special.end_think,
+            special.double_newline,
+        ]
+
+
+def render_conversation(
+    messages: Sequence[tuple[Role, Sequence[int]]], special: SpecialTokenIds
+) -> list[int]:
+    """The chat-mode ids the worker feeds for finished turns of (role, content ids): what `guardstream
+    score` must run to compare with streamed verdicts."""
+    writer = TurnWriter("chat", special, None)
+    state = TurnState()
+    ids: list[int] = []
+    for seq, (role, content) in enumerate(messages):
+        event = TokenEvent(
+            conversation_id="render", seq=seq, role=role, token_ids=list(content), end_of_turn=True
+        )
+        state, fed = writer.feed(state, event)
+        ids.extend(fed.token_ids)
+    return ids

@@ -1,0 +1,414 @@
+"""The Kafka loop: token events in, verdict events out, sessions in Redis.
+
+One step, top to bottom (`Worker.step`):
+
+    records -> decode (bad ones to the DLQ) -> per conversation: order by seq, drop what was applied,
+    template and tokenize -> engine (all conversations at once, so they share one batched forward)
+    -> verdicts -> publish verdicts and dead letters (acks from all replicas) -> one Redis transaction
+    for every session of the step -> commit the offsets
+
+Delivery: offsets are committed only after the step's verdicts are acknowledged and its sessions are
+in Redis, so a crash anywhere re-delivers the step (at least once). A redelivered event finds its seq
+below the session's next_seq and is not applied twice; its verdicts may be published twice and are
+identified by (conversation_id, seq, kind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine, HistoryUnavailableError
+from processor.model import GuardModel, load_guard_model
+from processor.model.tokenizer import special_token_ids
+from processor.worker.conversation import (
+    ConversationOutcome,
+    ConversationStep,
+    Incoming,
+    finish_conversation,
+    plan_conversation,
+    refused,
+)
+from processor.worker.dlq import DeadLetter, dead_letter
+from processor.worker.events import BadTokenEvent, EventLimits, VerdictEvent, decode_token_event
+from processor.worker.http import HealthServer
+from processor.worker.metrics import WorkerMetrics
+from processor.worker.session_store import SessionStore, SessionUpdate
+from processor.worker.settings import WorkerSettings
+from processor.worker.template import TurnWriter
+from processor.worker.text import IncrementalTokenizer
+from processor.worker.verdicts import VerdictConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class OpenConversations:
+    """Conversations this worker holds GPU state for, by partition, with when each was last seen."""
+
+    def __init__(self) -> None:
+        self._partition: dict[str, TopicPartition] = {}
+        self._last_seen: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._partition)
+
+    def __contains__(self, conversation_id: str) -> bool:
+        return conversation_id in self._partition
+
+    def touch(self, conversation_id: str, partition: TopicPartition, now: float) -> None:
+        self._partition[conversation_id] = partition
+        self._last_seen[conversation_id] = now
+
+    def remove(self, conversation_id: str) -> None:
+        self._partition.pop(conversation_id, None)
+        self._last_seen.pop(conversation_id, None)
+
+    def in_partitions(self, partitions: Iterable[TopicPartition]) -> list[str]:
+        wanted = set(partitions)
+        return [conversation for conversation, partition in self._partition.items() if partition in wanted]
+
+    def idle_since(self, cutoff: float) -> list[str]:
+        return [conversation for conversation, seen in self._last_seen.items() if seen < cutoff]
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        model: GuardModel,
+        front: AsyncGuardEngine,
+        store: SessionStore,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.front = front
+        self.store = store
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics
+        tokenizer = model.tokenizer
+        self.limits: EventLimits = settings.event_limits(
+            model.config.vocab_size, text_allowed=tokenizer is not None
+        )
+        self.writer = TurnWriter(
+            settings.template,
+            special_token_ids(tokenizer) if tokenizer is not None else None,
+            IncrementalTokenizer(tokenizer) if tokenizer is not None else None,
+        )
+        self.verdict_config = VerdictConfig(
+            model.labels, settings.policy, settings.verdicts, model_name(model)
+        )
+        self.max_positions = model.max_positions
+        self.open = OpenConversations()
+        # Held for a whole step; the rebalance listener takes it so that revocation waits for the step
+        # in flight to publish, save and commit before the partitions go.
+        self.step_lock = asyncio.Lock()
+        self.ready = False
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batch = await self.consumer.getmany(
+                timeout_ms=self.settings.poll_timeout_ms or 100, max_records=self.settings.poll_max_records
+            )
+            self.ready = True
+            if not batch:
+                await self._expire_idle()
+                continue
+            async with self.step_lock:
+                try:
+                    await self.step(batch, stop)
+                except Exception:
+                    # Nothing of the step was committed: go back to the committed offsets and redo it.
+                    log.exception("step failed; rewinding to the committed offsets")
+                    self.metrics.step_failures.inc()
+                    await asyncio.sleep(RETRY_BACKOFF_SECONDS[-1])
+                    await self.consumer.seek_to_committed()
+
+    async def step(self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> None:
+        started = time.perf_counter()
+        # A rebalance may have taken partitions since getmany returned: their new owner handles them.
+        assigned = self.consumer.assignment()
+        batch = {partition: records for partition, records in batch.items() if partition in assigned}
+        records = [record for partition_records in batch.values() for record in partition_records]
+        if not records:
+            return
+
+        incoming, dead_letters = self.decode(records)
+        sessions = await self.with_retry(
+            lambda: self.store.load_sessions(list(incoming)), stop, "load sessions"
+        )
+        steps = [
+            plan_conversation(sessions[conversation_id], items, self.writer, self.max_positions)
+            for conversation_id, items in incoming.items()
+        ]
+        dead_letters += self.rejected(steps)
+        outcomes = await asyncio.gather(*(self.moderate(step) for step in steps if step.changed))
+        verdicts = [verdict for outcome in outcomes for verdict in outcome.verdicts]
+
+        await self.publish(verdicts, dead_letters)
+        updates = [
+            SessionUpdate(outcome.before, outcome.session, outcome.fed_token_ids) for outcome in outcomes
+        ]
+        conflicts = await self.with_retry(lambda: self.store.save(updates), stop, "save sessions")
+        await self.forget(
+            [outcome.session.conversation_id for outcome in outcomes if outcome.closed] + conflicts, conflicts
+        )
+        # Verdicts acknowledged and sessions durable: only now may these records count as done.
+        await self.consumer.commit(
+            {partition: records[-1].offset + 1 for partition, records in batch.items()}
+        )
+
+        self.track(incoming, outcomes)
+        self.observe(batch, steps, outcomes, verdicts, dead_letters, time.perf_counter() - started)
+
+    # -- the step's parts, in order -------------------------------------------------------------
+
+    def decode(self, records: list[ConsumerRecord]) -> tuple[dict[str, list[Incoming]], list[DeadLetter]]:
+        incoming: dict[str, list[Incoming]] = defaultdict(list)
+        dead_letters: list[DeadLetter] = []
+        for record in records:
+            try:
+                event = decode_token_event(record.key, record.value, self.limits)
+            except BadTokenEvent as error:
+                dead_letters.append(self.dead_letter(record, error.reason))
+                continue
+            if event.conversation_id not in self.open and len(self.open) >= self.settings.max_conversations:
+                reason = f"worker holds its limit of {self.settings.max_conversations} open conversations"
+                dead_letters.append(self.dead_letter(record, reason))
+                continue
+            sent_at = event.ts if event.ts is not None else record.timestamp / 1000.0
+            incoming[event.conversation_id].append(Incoming(event, sent_at, record))
+        return incoming, dead_letters
+
+    def rejected(self, steps: list[ConversationStep]) -> list[DeadLetter]:
+        return [self.dead_letter(item.source, reason) for step in steps for item, reason in step.rejected]
+
+    async def moderate(self, step: ConversationStep) -> ConversationOutcome:
+        now = time.time
+        if not step.token_ids:
+            return finish_conversation(step, None, self.verdict_config, now())
+        try:
+            result = await self.front.moderate(step.conversation_id, step.token_ids, step.session.length)
+        except HistoryUnavailableError as error:
+            log.warning("%s", error)
+            message = "the conversation's token history is gone from Redis (expired or lost); it is closed"
+            return refused(step, message, self.verdict_config, now())
+        return finish_conversation(step, result, self.verdict_config, now())
+
+    async def publish(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> None:
+        """Send everything, then wait for every acknowledgement (acks=all, idempotent producer)."""
+        sends = [
+            await self.producer.send(
+                self.settings.verdicts_topic,
+                verdict.model_dump_json().encode(),
+                key=verdict.conversation_id.encode(),
+            )
+            for verdict in verdicts
+        ]
+        sends += [
+            await self.producer.send(
+                self.settings.dlq_topic,
+                letter.model_dump_json().encode(),
+                key=(letter.key or "").encode() or None,
+            )
+            for letter in dead_letters
+        ]
+        await asyncio.gather(*sends)
+
+    async def forget(self, conversation_ids: list[str], conflicts: list[str]) -> None:
+        """Free the GPU state of closed conversations, and of ones another worker moved on."""
+        for conversation_id in conflicts:
+            log.warning(
+                "conversation %r was moved on by another worker; dropping its GPU state", conversation_id
+            )
+            self.metrics.session_conflicts.inc()
+        for conversation_id in dict.fromkeys(conversation_ids):
+            await self.front.release(conversation_id)
+            self.open.remove(conversation_id)
+
+    def track(self, incoming: dict[str, list[Incoming]], outcomes: list[ConversationOutcome]) -> None:
+        """Remember which partition each open conversation came from (revocation frees them)."""
+        now = time.monotonic()
+        for outcome in outcomes:
+            conversation_id = outcome.session.conversation_id
+            if not outcome.closed:
+                record = incoming[conversation_id][0].source
+                self.open.touch(conversation_id, TopicPartition(record.topic, record.partition), now)
+
+    def observe(self, batch, steps, outcomes, verdicts, dead_letters, seconds: float) -> None:
+        metrics = self.metrics
+        event_count = sum(len(records) for records in batch.values())
+        metrics.step_events.observe(event_count)
+        metrics.step_tokens.observe(sum(len(step.token_ids) for step in steps))
+        metrics.tokens.inc(sum(len(step.token_ids) for step in steps))
+        metrics.step_seconds.observe(seconds)
+        metrics.events.labels("dead_letter").inc(len(dead_letters))
+        metrics.events.labels("duplicate").inc(sum(step.duplicates for step in steps))
+        metrics.events.labels("applied").inc(sum(len(step.planned) for step in steps))
+        metrics.dead_letters.inc(len(dead_letters))
+        for verdict in verdicts:
+            metrics.verdicts.labels(verdict.kind).inc()
+            if verdict.latency_ms is not None and verdict.kind == "tokens":
+                metrics.verdict_latency.observe(verdict.latency_ms / 1000.0)
+        for partition, records in batch.items():
+            highwater = self.consumer.highwater(partition)
+            if highwater is not None:
+                metrics.consumer_lag.labels(str(partition.partition)).set(
+                    max(0, highwater - records[-1].offset - 1)
+                )
+        metrics.observe_engine(self.front.stats())
+
+    # -- around the step ------------------------------------------------------------------------
+
+    def dead_letter(self, record: ConsumerRecord, reason: str) -> DeadLetter:
+        log.info("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        return dead_letter(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            reason,
+            self.settings.worker_id,
+        )
+
+    async def with_retry(self, call, stop: asyncio.Event, what: str):
+        """Redis outages are waited out (issue 6): nothing is committed until the call succeeds."""
+        attempt = 0
+        while True:
+            try:
+                result = await call()
+            except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError) as error:
+                if stop.is_set() and attempt >= len(RETRY_BACKOFF_SECONDS):
+                    raise
+                delay = RETRY_BACKOFF_SECONDS[min(attempt, len(RETRY_BACKOFF_SECONDS) - 1)]
+                log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
+                self.ready = False
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            self.ready = True
+            return result
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.step_lock:  # the step in flight publishes, saves and commits first
+            for conversation_id in self.open.in_partitions(revoked):
+                await self.front.release(conversation_id)
+                self.open.remove(conversation_id)
+        log.info("partitions revoked: %s", sorted(partition.partition for partition in revoked))
+
+    async def _expire_idle(self) -> None:
+        """Idle conversations past the session TTL stop counting against max_conversations."""
+        cutoff = time.monotonic() - self.settings.session_ttl
+        for conversation_id in self.open.idle_since(cutoff):
+            await self.front.release(conversation_id)
+            self.open.remove(conversation_id)
+
+
+class _RebalanceListener(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self._worker.on_partitions_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        log.info("partitions assigned: %s", sorted(partition.partition for partition in assigned))
+
+
+def model_name(model: GuardModel) -> str:
+    """What verdicts name: a hub id as given, a local checkpoint by its folder name."""
+    return Path(model.name).name if Path(model.name).is_dir() else model.name
+
+
+# -- assembly -------------------------------------------------------------------------------------
+
+
+async def ensure_topics(settings: WorkerSettings) -> None:
+    """Create the topics that are missing; existing topics are never altered."""
+    admin = AIOKafkaAdminClient(**settings.kafka_options())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication_factor)
+            for name in (settings.tokens_topic, settings.verdicts_topic, settings.dlq_topic)
+            if name not in existing
+        ]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker created it first
+                await admin.create_topics(missing)
+            log.info("created topics %s", [topic.name for topic in missing])
+    finally:
+        await admin.close()
+
+
+def engine_config(settings: WorkerSettings) -> EngineConfig:
+    return EngineConfig(
+        kv_cache_bytes=settings.kv_cache_bytes,
+        kv_cache_fraction=None if settings.kv_cache_bytes else settings.kv_cache_fraction,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_conversations=settings.max_batch_conversations,
+    )
+
+
+async def serve(
+    settings: WorkerSettings, model: GuardModel | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run a worker until `stop` is set (SIGTERM in the CLI): the step in flight finishes, publishes and
+    commits, then everything is closed."""
+    stop = stop or asyncio.Event()
+    log.info("worker settings: %s", settings.redacted())
+    if model is None:
+        model = load_guard_model(settings.model, settings.device, settings.dtype)
+    metrics = WorkerMetrics()
+    redis = Redis.from_url(settings.redis_url)
+    store = SessionStore(
+        redis, settings.redis_key_prefix, settings.session_ttl, settings.ended_session_ttl, settings.worker_id
+    )
+    front = AsyncGuardEngine(GuardEngine(model, engine_config(settings)), history=store)
+    await ensure_topics(settings)
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_options(),
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    producer = AIOKafkaProducer(**settings.kafka_options(), acks="all", enable_idempotence=True, linger_ms=1)
+    worker = Worker(settings, model, front, store, consumer, producer, metrics)
+    http = HealthServer(metrics.registry, lambda: worker.ready)
+    try:
+        if settings.http_port:
+            await http.start(settings.http_port)
+        await producer.start()
+        await consumer.start()
+        consumer.subscribe([settings.tokens_topic], listener=_RebalanceListener(worker))
+        await worker.run(stop)
+    finally:
+        worker.ready = False
+        # Leaving the group after the last commit: the partitions move without a redelivery.
+        await consumer.stop()
+        await producer.stop()
+        await front.close()
+        await redis.aclose()
+        await http.stop()

@@ -1,0 +1,71 @@
+"""Fixtures shared by every test folder: real Kafka and Redis, and per-test names inside them.
+
+Service fixtures (session-scoped, started lazily on first use, stopped at session end):
+    kafka_bootstrap -> "host:port"        redis_url -> "redis://host:port/0"
+Where they come from, per service: GUARDSTREAM_TEST_KAFKA / GUARDSTREAM_TEST_REDIS if set, else a
+testcontainers container if a Docker engine answers, else local processes (processor.local).
+
+Per-test names (function-scoped), so tests share one broker and one Redis without seeing each other:
+    topic_prefix -> "gs-test.<test>.<nanos>"     unique_topic("events") -> "<topic_prefix>.events"
+    redis_prefix -> "gs-test:<test>:<nanos>:"
+
+Folder-specific fixtures belong in that folder's own conftest.py, not here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from processor.local.testing import kafka_endpoint, redis_endpoint, unique_name
+
+
+@pytest.fixture(scope="session")
+def _local_services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("local-services")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_local_services_dir: Path) -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        yield kafka_endpoint(stack, _local_services_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_url(_local_services_dir: Path) -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        yield redis_endpoint(stack, _local_services_dir)
+
+
+@pytest.fixture
+def topic_prefix(request: pytest.FixtureRequest) -> str:
+    return unique_name("gs-test", request.node.name)
+
+
+@pytest.fixture
+def unique_topic(topic_prefix: str) -> Callable[[str], str]:
+    return lambda name: f"{topic_prefix}.{name}"
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest) -> str:
+    return unique_name("gs-test", request.node.name).replace(".", ":") + ":"
+
+
+# Random-weight checkpoints in the official layout (processor.model.testmodel), shared by the model,
+# engine and worker tests; written once per session.
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from processor.model.testmodel import write_test_model
+
+    return write_test_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from processor.model.testmodel import write_test_model
+
+    return write_test_model(tmp_path_factory.mktemp("small-model"), size="small", seed=0)

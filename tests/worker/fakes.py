@@ -1,0 +1,55 @@
+"""Hand-made engine results and label maps for the worker's pure-logic tests."""
+
+from __future__ import annotations
+
+from processor.engine.results import ChunkResult, HeadLabels
+from processor.model.labels import LabelMaps
+
+RISK = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
+CATEGORIES = [
+    "Violent",
+    "Sexual Content or Sexual Acts",
+    "Suicide & Self-Harm",
+    "Politically Sensitive Topics",
+    "PII",
+    "Copyright Violation",
+    "Non-violent Illegal Acts",
+    "Unethical Acts",
+]
+LABELS = LabelMaps.from_config(
+    {
+        "response_risk_level_map": RISK,
+        "response_category_map": {str(i): name for i, name in enumerate(CATEGORIES)},
+        "query_risk_level_map": RISK,
+        "query_category_map": {str(i): name for i, name in enumerate([*CATEGORIES, "Jailbreak"])},
+        "num_risk_level": 3,
+        "num_category": 8,
+        "num_query_risk_level": 3,
+        "num_query_category": 9,
+    }
+)
+SAFE, UNSAFE, CONTROVERSIAL = 0, 1, 2
+
+
+def chunk(
+    token_ids: list[int],
+    response_levels: list[int],
+    query_levels: list[int] | None = None,
+    start: int = 0,
+    conversation_id: str = "c",
+) -> ChunkResult:
+    """A result whose response heads say `response_levels` (category = position % 8, probs 0.9)."""
+    query_levels = query_levels if query_levels is not None else [SAFE] * len(token_ids)
+    n = len(token_ids)
+
+    def heads(levels: list[int]) -> HeadLabels:
+        return HeadLabels(list(levels), [0.9] * n, [(start + i) % 8 for i in range(n)], [0.8] * n)
+
+    return ChunkResult(
+        conversation_id=conversation_id,
+        request_id=0,
+        start_position=start,
+        token_ids=list(token_ids),
+        response=heads(response_levels),
+        query=heads(query_levels),
+    )

@@ -1,0 +1,54 @@
+"""Settings: environment and flags, and secrets that never show."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from processor.worker.commands import build_worker_settings, register
+from processor.worker.settings import WorkerSettings, redact_url
+
+
+def test_environment_prefix(monkeypatch):
+    monkeypatch.setenv("GUARDSTREAM_PARTITIONS", "3")
+    monkeypatch.setenv("GUARDSTREAM_POLICY", "loose")
+    settings = WorkerSettings()
+    assert settings.partitions == 3 and settings.policy.value == "loose"
+    assert settings.tokens_topic == "guard.tokens" and settings.session_ttl == 86400
+
+
+def test_flags_override_environment(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("GUARDSTREAM_PARTITIONS", "3")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["worker", "--partitions", "5", "--template", "raw", "--kafka-bootstrap", "k:1"])
+    settings = build_worker_settings(args)
+    assert settings.partitions == 5 and settings.template == "raw" and settings.kafka_bootstrap == "k:1"
+
+
+def test_secrets_never_logged(caplog):
+    settings = WorkerSettings(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="svc",
+        sasl_password="hunter2-secret",
+        redis_url="rediss://default:redis-secret@cache:6380/0",
+    )
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("test").info("settings: %s", settings.redacted())
+        logging.getLogger("test").info("repr: %r", settings)
+    assert "hunter2-secret" not in caplog.text and "redis-secret" not in caplog.text
+    assert settings.kafka_options()["sasl_plain_password"] == "hunter2-secret"
+
+
+def test_sasl_needs_credentials():
+    with pytest.raises(ValueError, match="needs sasl_mechanism"):
+        WorkerSettings(security_protocol="SASL_PLAINTEXT")
+
+
+def test_redact_url():
+    assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
