@@ -19,9 +19,6 @@ from processor.engine import ChunkStatus, EngineConfig, GuardEngine
 from processor.model.loader import GuardModel, load_guard_model
 from processor.score import verdicts_for
 
-DEFAULT_CPU_CACHE_BYTES = 512 << 20
-
-
 @dataclass
 class StreamState:
     """What the hub calls `stream_state`: one conversation's id and its results so far."""
@@ -37,8 +34,6 @@ class StreamGuardModel:
 
     def __init__(self, model: GuardModel, engine_config: EngineConfig | None = None) -> None:
         self.model = model
-        if engine_config is None and model.device.type != "cuda":
-            engine_config = EngineConfig(kv_cache_bytes=DEFAULT_CPU_CACHE_BYTES)
         self.engine = GuardEngine(model, engine_config)
         self._stream_ids = itertools.count()
 

@@ -13,13 +13,17 @@ def bytes_per_token(config: GuardConfig, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
 
 
+# Without a budget, a CPU engine takes this much; a GPU one takes a fraction of free device memory.
+DEFAULT_CPU_CACHE_BYTES = 1 << 30
+
+
 def cache_budget_bytes(device: torch.device, budget_bytes: int | None, free_fraction: float | None) -> int:
     if budget_bytes is not None:
         return budget_bytes
     if device.type == "cuda" and free_fraction is not None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * free_fraction)
-    raise ValueError("give the KV cache a size: kv_cache_bytes, or kv_cache_fraction on a CUDA device")
+    return DEFAULT_CPU_CACHE_BYTES
 
 
 def allocate_kv_cache(

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "produce", help="stream a conversation from a messages file, like an LLM would, as token events"
     )
     produce.add_argument(
-        "messages", type=Path, help='JSON list of {"role": "user"|"assistant", "content": str}'
+        "messages",
+        type=Path,
+        help='JSON {"messages": [{"role": "user"|"assistant", "content": str}]}, or the bare list',
     )
     produce.add_argument("--kafka-bootstrap", help="default: GUARDSTREAM_KAFKA_BOOTSTRAP or localhost:9092")
     produce.add_argument("--tokens-topic", help="default: guard.tokens")
@@ -112,7 +114,9 @@ def worker_command(args: argparse.Namespace) -> int:
 
 
 def produce_command(args: argparse.Namespace) -> int:
-    messages = json.loads(args.messages.read_text())
+    document = json.loads(args.messages.read_text())
+    # The same file `guardstream score --messages` takes, or a bare list of messages.
+    messages = document["messages"] if isinstance(document, dict) else document
     if not args.text and not args.model:
         print("guardstream produce: token ids need --model (its tokenizer), or use --text", file=sys.stderr)
         return 2

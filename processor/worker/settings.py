@@ -30,8 +30,12 @@ class WorkerSettings(BaseSettings):
         repr=False,  # it may hold a password; redacted() shows it masked
     )
     model: str = Field(default="", description="Checkpoint directory (or hub id when it can be fetched).")
-    device: str = Field(default="cuda", description="torch device, e.g. cuda, cuda:1, cpu.")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: str | None = Field(
+        default=None, description="torch device, e.g. cuda, cuda:1, cpu (default: cuda when present, else cpu)."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="default: bfloat16 on GPU, float32 on CPU"
+    )
 
     # Topics and group.
     tokens_topic: str = "guard.tokens"
@@ -55,6 +59,9 @@ class WorkerSettings(BaseSettings):
     session_ttl: int = Field(default=86_400, ge=1, description="Seconds an idle session is kept.")
     ended_session_ttl: int = Field(default=300, ge=1, description="Seconds an ended session is kept.")
     redis_key_prefix: str = "guardstream:"
+    redis_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds a Redis call may hang before it is retried (hung server)."
+    )
 
     # Serving.
     http_port: int = Field(
@@ -62,7 +69,7 @@ class WorkerSettings(BaseSettings):
     )
     worker_id: str = Field(default_factory=_default_worker_id)
     kv_cache_bytes: int | None = Field(
-        default=None, ge=1, description="KV cache size; overrides the fraction."
+        default=None, ge=1, description="KV cache size in bytes; overrides the fraction (CPU default: 1 GiB)."
     )
     kv_cache_fraction: float = Field(
         default=0.8,
@@ -110,6 +117,12 @@ class WorkerSettings(BaseSettings):
             vocab_size=vocab_size,
             text_allowed=text_allowed,
         )
+
+    def redis_options(self) -> dict[str, object]:
+        """Keyword arguments for `Redis.from_url(redis_url, ...)`; password and TLS come in the URL."""
+        # Explicit: redis-py before 6 waits forever on a hung server, which would stall the worker
+        # while /readyz still says ready. A timeout turns the hang into a retried outage.
+        return {"socket_timeout": self.redis_timeout, "socket_connect_timeout": self.redis_timeout}
 
     def kafka_options(self) -> dict[str, object]:
         """Connection and security keyword arguments shared by aiokafka's consumer, producer and admin."""

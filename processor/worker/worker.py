@@ -46,7 +46,7 @@ from processor.worker.dlq import DeadLetter, dead_letter
 from processor.worker.events import BadTokenEvent, EventLimits, VerdictEvent, decode_token_event
 from processor.worker.http import HealthServer
 from processor.worker.metrics import WorkerMetrics
-from processor.worker.session_store import SessionStore, SessionUpdate
+from processor.worker.session_store import HistoryMissing, SessionStore, SessionUpdate
 from processor.worker.settings import WorkerSettings
 from processor.worker.template import TurnWriter
 from processor.worker.text import IncrementalTokenizer
@@ -191,7 +191,12 @@ class Worker:
             except BadTokenEvent as error:
                 dead_letters.append(self.dead_letter(record, error.reason))
                 continue
-            if event.conversation_id not in self.open and len(self.open) >= self.settings.max_conversations:
+            # New conversations of this batch count too: one batch of fresh ids must not pass the cap.
+            if (
+                event.conversation_id not in self.open
+                and event.conversation_id not in incoming
+                and len(self.open) + len(incoming) >= self.settings.max_conversations
+            ):
                 reason = f"worker holds its limit of {self.settings.max_conversations} open conversations"
                 dead_letters.append(self.dead_letter(record, reason))
                 continue
@@ -209,10 +214,24 @@ class Worker:
         try:
             result = await self.front.moderate(step.conversation_id, step.token_ids, step.session.length)
         except HistoryUnavailableError as error:
+            if not await self.history_lost(step):
+                # Redis did not answer the engine's history read: fail the step, it is redone from the
+                # committed offsets (closing the conversation over an outage would end it for good).
+                raise
             log.warning("%s", error)
             message = "the conversation's token history is gone from Redis (expired or lost); it is closed"
             return refused(step, message, self.verdict_config, now())
         return finish_conversation(step, result, self.verdict_config, now())
+
+    async def history_lost(self, step: ConversationStep) -> bool:
+        """The engine cannot tell a history gone from Redis from a Redis that did not answer: ask again."""
+        try:
+            await self.store.load(step.conversation_id, step.session.length)
+        except HistoryMissing:
+            return True
+        except Exception:
+            return False
+        return False
 
     async def publish(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> None:
         """Send everything, then wait for every acknowledgement (acks=all, idempotent producer)."""
@@ -381,7 +400,7 @@ async def serve(
     if model is None:
         model = load_guard_model(settings.model, settings.device, settings.dtype)
     metrics = WorkerMetrics()
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis_options())
     store = SessionStore(
         redis, settings.redis_key_prefix, settings.session_ttl, settings.ended_session_ttl, settings.worker_id
     )
