@@ -116,8 +116,9 @@ class GuardProducer:
             **payload,
         )
         value = event.model_dump_json(exclude_none=True).encode()
-        sent = await self._producer.send(self.topic, value, key=conversation_id.encode())
+        # Taken before the first await, so concurrent sends for one conversation never share a seq.
         self._next_seq[conversation_id] = seq + 1
+        sent = await self._producer.send(self.topic, value, key=conversation_id.encode())
         if wait:
             await sent
         return seq

@@ -19,6 +19,7 @@ from processor.engine import ChunkStatus, EngineConfig, GuardEngine
 from processor.model.loader import GuardModel, load_guard_model
 from processor.score import verdicts_for
 
+
 @dataclass
 class StreamState:
     """What the hub calls `stream_state`: one conversation's id and its results so far."""

@@ -31,7 +31,7 @@ class WorkerSettings(BaseSettings):
     )
     model: str = Field(default="", description="Checkpoint directory (or hub id when it can be fetched).")
     device: str | None = Field(
-        default=None, description="torch device, e.g. cuda, cuda:1, cpu (default: cuda when present, else cpu)."
+        default=None, description="torch device: cuda, cuda:1, cpu (default: cuda when present, else cpu)."
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         default=None, description="default: bfloat16 on GPU, float32 on CPU"

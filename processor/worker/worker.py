@@ -55,6 +55,7 @@ from processor.worker.verdicts import VerdictConfig
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+IDLE_SWEEP_SECONDS = 30.0
 
 
 class OpenConversations:
@@ -125,13 +126,17 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
         while not stop.is_set():
             batch = await self.consumer.getmany(
                 timeout_ms=self.settings.poll_timeout_ms or 100, max_records=self.settings.poll_max_records
             )
             self.ready = True
-            if not batch:
+            # On a timer, not only when idle: steady traffic must not keep expired sessions counted.
+            if time.monotonic() >= next_expiry:
                 await self._expire_idle()
+                next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
+            if not batch:
                 continue
             async with self.step_lock:
                 try:
@@ -141,7 +146,18 @@ class Worker:
                     log.exception("step failed; rewinding to the committed offsets")
                     self.metrics.step_failures.inc()
                     await asyncio.sleep(RETRY_BACKOFF_SECONDS[-1])
-                    await self.consumer.seek_to_committed()
+                    await self._rewind()
+
+    async def _rewind(self) -> None:
+        """Back to the committed offsets; while Kafka itself is away, keep trying rather than exit."""
+        for delay in (*RETRY_BACKOFF_SECONDS, *[RETRY_BACKOFF_SECONDS[-1]] * 60):
+            try:
+                await self.consumer.seek_to_committed()
+                return
+            except Exception as error:  # any client error: the broker is unreachable or moving
+                log.warning("rewind to committed offsets failed (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+        raise RuntimeError("could not rewind to the committed offsets for 5 minutes; giving up")
 
     async def step(self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> None:
         started = time.perf_counter()
