@@ -150,4 +150,10 @@ class ModelRunner:
         key_slots = key_slots[:, :context]
         key_positions = torch.arange(context, device=self.device)
         mask = key_positions[None, None, :] <= query_positions[:, :, None]
-        return AttentionGroup(token_rows, query_valid, key_slots, mask[:, None, :, :])
+        # Built on the host from the lengths: a device nonzero() would force a sync every step.
+        valid_flat, valid_tokens = [], []
+        for index, (row, chunk) in enumerate(zip(first_rows, chunks, strict=True)):
+            valid_flat += range(index * queries, index * queries + chunk.length)
+            valid_tokens += range(row, row + chunk.length)
+        valid_flat, valid_tokens = self._to_device(valid_flat), self._to_device(valid_tokens)
+        return AttentionGroup(token_rows, valid_flat, valid_tokens, key_slots, mask[:, None, :, :])

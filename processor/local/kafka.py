@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from processor.local.process import (
+    EndedDuringStartup,
     ManagedProcess,
     ServiceError,
+    describe_exit,
     free_port,
     is_running,
     port_in_use,
@@ -305,8 +307,9 @@ def wait_ready(instance: KafkaInstance, state_dir: Path, timeout: float = START_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(instance.process):
-            raise ServiceError(
-                f"Kafka exited during startup. Last lines of {home / 'kafka.out'} and server.log:\n"
+            raise EndedDuringStartup(
+                f"Kafka {describe_exit(instance.process)} during startup. "
+                f"Last lines of {home / 'kafka.out'} and server.log:\n"
                 f"{tail(home / 'kafka.out', 20)}\n{tail(home / 'logs' / 'server.log')}"
             )
         if broker_answers(instance.bootstrap):

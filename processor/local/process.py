@@ -23,6 +23,10 @@ class ServiceError(RuntimeError):
     """A local service could not be prepared or started; the message says what to do."""
 
 
+class EndedDuringStartup(ServiceError):
+    """The process we launched ended before it answered (crash, port race, or a signal from outside)."""
+
+
 @dataclass(frozen=True)
 class ManagedProcess:
     name: str
@@ -58,10 +62,32 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+# Exit statuses of our own children, kept for error messages ("killed by SIGKILL" says a lot).
+_exit_status: dict[int, int] = {}
+
+
 def _reap(pid: int) -> None:
     # A process we spawned ourselves stays a zombie (and so "exists") until its parent waits for it.
     with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            _exit_status[pid] = status
+
+
+def describe_exit(proc: ManagedProcess) -> str:
+    """'exit code N' / 'killed by SIGX' for a child of ours that ended, else a neutral phrase."""
+    # A multi-threaded process shows as a zombie a moment before the last thread is gone and
+    # waitpid can collect it: give it that moment.
+    deadline = time.monotonic() + 2.0
+    while proc.pid not in _exit_status and time.monotonic() < deadline and Path(f"/proc/{proc.pid}").exists():
+        _reap(proc.pid)
+        time.sleep(0.05)
+    status = _exit_status.get(proc.pid)
+    if status is None:
+        return "ended (not our child: no exit status)"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
 def spawn(name: str, cmd: Sequence[str], log_path: Path, marker: str, cwd: Path | None = None,
@@ -95,7 +121,13 @@ def is_running(proc: ManagedProcess) -> bool:
         return False
     if proc.start_time is not None and stat[1] != proc.start_time:
         return False
-    return proc.marker in _cmdline(proc.pid)
+    cmdline = _cmdline(proc.pid)
+    if not cmdline:
+        # The kernel reads cmdline out of the process's memory and returns "" while that memory map
+        # is busy (seen with a JVM starting up): that means "unknown", not "another process". The
+        # matching start time already identifies it.
+        return proc.start_time is not None
+    return proc.marker in cmdline
 
 
 def _signal(proc: ManagedProcess, sig: signal.Signals) -> None:

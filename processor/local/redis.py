@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from processor.local.process import (
+    EndedDuringStartup,
     ManagedProcess,
     ServiceError,
+    describe_exit,
     free_port,
     is_running,
     port_in_use,
@@ -72,7 +74,8 @@ def wait_ready(instance: RedisInstance, state_dir: Path, timeout: float = START_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(instance.process):
-            raise ServiceError(f"redis-server exited during startup:\n{tail(home / 'redis.log')}\n"
+            raise EndedDuringStartup(f"redis-server {describe_exit(instance.process)} during startup:\n"
+                               f"{tail(home / 'redis.log')}\n"
                                f"{tail(home / 'redis.out')}")
         if ping(HOST, instance.port):
             return

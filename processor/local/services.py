@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,14 @@ from typing import Any
 
 from processor.local import kafka as kafka_service
 from processor.local import redis as redis_service
-from processor.local.process import ManagedProcess, ServiceError, is_running, port_in_use, stop
+from processor.local.process import (
+    EndedDuringStartup,
+    ManagedProcess,
+    ServiceError,
+    is_running,
+    port_in_use,
+    stop,
+)
 
 STATE_FILE = "services.json"
 ENV_FILE = "env"
@@ -128,8 +136,21 @@ def ensure(state_dir: Path | str, names: Iterable[str] = SERVICES,
                 state[name] = _start(state_dir, name, ports.get(name), entry)
                 started.append(ManagedProcess.from_dict(state[name]["process"]))
                 _save(state_dir, state)  # record the pid at once so `down` can always find it
+            started_names = {proc.name for proc in started}
             for name in wanted:
-                _wait(state_dir, name, state[name])
+                try:
+                    _wait(state_dir, name, state[name])
+                except EndedDuringStartup as error:
+                    if name not in started_names:
+                        raise
+                    # One more try: a port taken between picking and binding it, or a stray signal,
+                    # should not fail a whole test session. A second failure is reported as is.
+                    print(f"guardstream local: {str(error).splitlines()[0]} Starting it once more.",
+                          file=sys.stderr, flush=True)
+                    state[name] = _start(state_dir, name, ports.get(name), state[name])
+                    started.append(ManagedProcess.from_dict(state[name]["process"]))
+                    _save(state_dir, state)
+                    _wait(state_dir, name, state[name])
         except BaseException:
             for proc in started:
                 stop(proc)

@@ -29,7 +29,9 @@ class AttentionGroup:
     """
 
     token_rows: torch.Tensor  # [B, Q] index into the step's packed tokens (padding -> 0)
-    query_valid: torch.Tensor  # [B, Q] bool
+    # Where the real (unpadded) queries sit: flat index into [B * Q], and their packed token rows.
+    valid_flat: torch.Tensor
+    valid_tokens: torch.Tensor
     key_slots: torch.Tensor  # [B, L] flat cache slot of each key position (padding -> 0)
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where a query may attend to a key
 
@@ -87,8 +89,7 @@ def sdpa_attention(
             enable_gqa=True,
         )
         attended = attended.transpose(1, 2).reshape(rows * queries, *query.shape[1:])
-        valid = group.query_valid.reshape(-1)
-        output[group.token_rows.reshape(-1)[valid]] = attended[valid]
+        output.index_copy_(0, group.valid_tokens, attended.index_select(0, group.valid_flat))
     return output
 
 

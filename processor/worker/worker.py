@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -415,6 +417,8 @@ async def serve(
     log.info("worker settings: %s", settings.redacted())
     if model is None:
         model = load_guard_model(settings.model, settings.device, settings.dtype)
+    if model.device.type == "cpu":
+        torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
     metrics = WorkerMetrics()
     redis = Redis.from_url(settings.redis_url, **settings.redis_options())
     store = SessionStore(
