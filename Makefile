@@ -25,14 +25,13 @@ lint: setup
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" STATE_DIR="$(STATE_DIR)" bash scripts/demo.sh
 
-# Runs bench scripts one after another: all of bench/*.py, or `make bench BENCH=bench/engine.py
-# BENCH_ARGS="--size small"`. The repo root is on PYTHONPATH so scripts can import tests' helpers.
-BENCH ?= $(wildcard bench/*.py)
-BENCH_ARGS ?=
+# The CPU benchmarks behind README's figures; each prints a table and writes JSON under bench/results/.
+# GPU: `python bench/engine.py --size 0.6b-shape --device cuda` and `python bench/gpu_check.py DIR`.
+BENCH_MODEL := $(STATE_DIR)/models/test-tiny
 bench: setup
-	@if [ -z "$(strip $(BENCH))" ]; then echo "no bench/*.py scripts yet"; fi
-	@for script in $(BENCH); do echo "== $$script $(BENCH_ARGS)"; \
-		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/python "$$script" $(BENCH_ARGS) || exit $$?; done
+	PYTHONPATH="$(CURDIR)" $(BIN)/python bench/engine.py --size small --threads 1
+	@test -f $(BENCH_MODEL)/config.json || $(BIN)/guardstream make-test-model $(BENCH_MODEL) --size tiny
+	PYTHONPATH="$(CURDIR)" $(BIN)/python bench/pipeline.py --model $(BENCH_MODEL) --device cpu
 
 up: setup
 	$(BIN)/guardstream local up --state-dir $(STATE_DIR)

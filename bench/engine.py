@@ -77,11 +77,15 @@ BACKEND = "sdpa"  # set from --backend
 
 
 def make_engine(model: GuardModel, conversations: int, context: int, batch_tokens: int = 4096) -> GuardEngine:
+    """An engine whose cache holds `conversations` conversations of `context` tokens."""
+    return engine_for_tokens(model, conversations * (context + 16), conversations, batch_tokens)
+
+
+def engine_for_tokens(
+    model: GuardModel, tokens: int, conversations: int, batch_tokens: int = 4096
+) -> GuardEngine:
     block = 16
-    blocks_per_conversation = -(-context // block) + 1
-    budget = (
-        (conversations * blocks_per_conversation + 4) * block * bytes_per_token(model.config, model.dtype)
-    )
+    budget = (tokens // block + 4 + conversations) * block * bytes_per_token(model.config, model.dtype)
     return GuardEngine(
         model,
         EngineConfig(
@@ -151,7 +155,7 @@ def streaming(
 
 def mixed_load(model: GuardModel, streamers: int, prompts: int, steps: int, rng: random.Random) -> Row:
     """C: `streamers` conversations streaming one token per step while prompts of 200-1000 tokens arrive."""
-    engine = make_engine(model, streamers + prompts, 1000 + steps)
+    engine = engine_for_tokens(model, streamers * (64 + steps) + prompts * 1000, streamers + prompts)
     streams = {f"s{index}": random_tokens(rng, 64 + steps) for index in range(streamers)}
     for conversation_id, stream in streams.items():
         engine.submit(conversation_id, stream[:64])
@@ -198,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-length", type=int, default=1000)
     parser.add_argument("--hub-samples", type=int, default=12)
     parser.add_argument("--backend", default="sdpa", help="attention backend: sdpa or flex")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     global BACKEND
     BACKEND = args.backend
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = (
         getattr(torch, args.dtype)
         if args.dtype
@@ -239,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "C64_over_A_1000": c64.tokens_per_second / hub.tokens_per_second if c64 else None,
         "long_over_short_cost": long.ms_per_token / short.ms_per_token,
     }
-    print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype} backend={args.backend}")
+    threads = torch.get_num_threads()
+    print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}", end=" ")
+    print(f"backend={args.backend} threads={threads}")
     print(f"{'variant':44} {'convs':>6} {'context':>8} {'tokens':>8} {'tokens/s':>12} {'ms/token':>10}")
     for row in rows:
         print(

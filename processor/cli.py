@@ -6,34 +6,34 @@ import argparse
 import importlib
 import sys
 
-# Each module here exposes `register(subparsers)`; importing lazily keeps `guardstream local up`
-# from paying for torch.
-_COMMAND_MODULES = (
-    "processor.local.commands",
-    "processor.model.commands",
-    "processor.worker.commands",
-)
+# Subcommand -> the module that registers it (`register(subparsers)`). Only the module of the command
+# being run is imported, so `guardstream local up` does not pay for importing torch.
+COMMAND_MODULES = {
+    "local": "processor.local.commands",
+    "make-test-model": "processor.model.commands",
+    "score": "processor.model.commands",
+    "worker": "processor.worker.commands",
+    "produce": "processor.worker.commands",
+    "verdicts": "processor.worker.commands",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command`, or for every command (help, or an unknown command)."""
     parser = argparse.ArgumentParser(
         prog="guardstream",
         description="Real-time Qwen3Guard-Stream moderation over Kafka, with session state in Redis.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        module.register(subparsers)
+    wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for module_name in dict.fromkeys(wanted):
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.handler(args) or 0)
 
 

@@ -308,7 +308,7 @@ def wait_ready(instance: KafkaInstance, state_dir: Path, timeout: float = START_
     while time.monotonic() < deadline:
         if not is_running(instance.process):
             raise EndedDuringStartup(
-                f"Kafka {describe_exit(instance.process)} during startup. "
+                f"Kafka {describe_exit(instance.process)} during startup.\n"
                 f"Last lines of {home / 'kafka.out'} and server.log:\n"
                 f"{tail(home / 'kafka.out', 20)}\n{tail(home / 'logs' / 'server.log')}"
             )

@@ -2,7 +2,7 @@
 
 A recorded pid alone is not proof of ownership: pids are reused. Each process is therefore recorded
 with its kernel start time and a word its command line must contain, and `stop` signals a pid only
-while all three still match.
+while they still match.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def wait_ready(instance: RedisInstance, state_dir: Path, timeout: float = START_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(instance.process):
-            raise EndedDuringStartup(f"redis-server {describe_exit(instance.process)} during startup:\n"
+            raise EndedDuringStartup(f"redis-server {describe_exit(instance.process)} during startup.\n"
                                f"{tail(home / 'redis.log')}\n"
                                f"{tail(home / 'redis.out')}")
         if ping(HOST, instance.port):

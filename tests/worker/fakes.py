@@ -4,29 +4,14 @@ from __future__ import annotations
 
 from processor.engine.results import ChunkResult, HeadLabels
 from processor.model.labels import LabelMaps
+from processor.model.testmodel import CATEGORY_LABELS, QUERY_CATEGORY_LABELS, RISK_LEVEL_LABELS
 
-RISK = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
-CATEGORIES = [
-    "Violent",
-    "Sexual Content or Sexual Acts",
-    "Suicide & Self-Harm",
-    "Politically Sensitive Topics",
-    "PII",
-    "Copyright Violation",
-    "Non-violent Illegal Acts",
-    "Unethical Acts",
-]
-LABELS = LabelMaps.from_config(
-    {
-        "response_risk_level_map": RISK,
-        "response_category_map": {str(i): name for i, name in enumerate(CATEGORIES)},
-        "query_risk_level_map": RISK,
-        "query_category_map": {str(i): name for i, name in enumerate([*CATEGORIES, "Jailbreak"])},
-        "num_risk_level": 3,
-        "num_category": 8,
-        "num_query_risk_level": 3,
-        "num_query_category": 9,
-    }
+# The published checkpoints' label maps, as the test checkpoints write them.
+LABELS = LabelMaps(
+    risk_levels=RISK_LEVEL_LABELS,
+    categories=CATEGORY_LABELS,
+    query_risk_levels=RISK_LEVEL_LABELS,
+    query_categories=QUERY_CATEGORY_LABELS,
 )
 SAFE, UNSAFE, CONTROVERSIAL = 0, 1, 2
 
