@@ -14,6 +14,7 @@ from processor.client import GuardProducer
 from processor.model import load_guard_model
 from processor.model.testmodel import write_test_model
 from processor.model.tokenizer import special_token_ids
+from processor.score import score_ids
 from processor.worker.session_store import unpack_token_ids
 from processor.worker.template import render_conversation
 
@@ -343,3 +344,44 @@ async def test_two_workers_split_the_partitions(tiny_model, settings, redis_url,
     finally:
         await redis.aclose()
     assert owners == {b"worker-a", b"worker-b"}
+
+
+def _expected_first_alert(model, token_ids, content_positions, policy):
+    """First assistant content position where it and the content token before it in the turn are
+    both flagged under the policy (the report's debounce), from a whole-conversation score."""
+    flagged_levels = {"Unsafe", "Controversial"} if policy == "strict" else {"Unsafe"}
+    verdicts = score_ids(model, token_ids)
+    previous = False
+    for position in content_positions:
+        flagged = verdicts[position].risk_level in flagged_levels
+        if flagged and previous:
+            return position
+        previous = flagged
+    return None
+
+
+@pytest.mark.parametrize("policy", ["strict", "loose"])
+async def test_policy_and_debounced_alert_match_the_scores(tiny_model, settings, policy):
+    config = settings(policy=policy)
+    special = special_token_ids(tiny_model.tokenizer)
+    user = tiny_model.tokenizer.encode("Tell me a long story.", add_special_tokens=False)
+    answer = tiny_model.tokenizer.encode(
+        "Once upon a time a dragon guarded a bridge, and every traveller paid in songs and riddles.",
+        add_special_tokens=False,
+    )
+    conversations = {"alert-0": [("user", user), ("assistant", answer)]}
+    token_ids = render_conversation(conversations["alert-0"], special)
+    assistant_positions = _content_positions(conversations["alert-0"], special)[len(user) :]
+    expected = _expected_first_alert(tiny_model, token_ids, assistant_positions, policy)
+    async with running_worker(config, tiny_model):
+        async with GuardProducer(config.kafka_bootstrap, config.tokens_topic) as producer:
+            await stream_interleaved(producer, conversations, text=False)
+        collected = await collect(config.kafka_bootstrap, config.verdicts_topic, ended(conversations))
+    assistant_alerts = [
+        v for v in collected.verdicts() if v.alert and v.role == "assistant" and v.kind == "tokens"
+    ]
+    assert expected is not None, "the random test model flags some pair of tokens under either policy"
+    assert [v.alert_position for v in assistant_alerts] == [expected], "exactly one alert, at the first pair"
+    for verdict in collected.verdicts():
+        if verdict.kind == "tokens" and verdict.risk_level is not None:
+            assert verdict.risk_level in {"Safe", "Unsafe"}, "summaries are read under the policy"
