@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": str(dtype),
         "backend": args.backend,
+        "threads": threads,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "rows": [
             row.__dict__ | {"tokens_per_second": row.tokens_per_second, "ms_per_token": row.ms_per_token}
