@@ -11,9 +11,8 @@ from processor.engine import ChunkResult, ChunkStatus, EngineConfig, GuardEngine
 from processor.engine.kv_cache import bytes_per_token
 from processor.model.labels import SAFE
 from processor.model.loader import GuardModel
+from processor.model.qwen3_guard import HEAD_NAMES
 from processor.model.tokenizer import SpecialTokenIds, special_token_ids
-
-HEAD_OUTPUT_NAMES = ("risk", "category", "query_risk", "query_category")
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def verdicts_for(
         is_safe = risk_level == SAFE
         heads = None
         if with_heads and result.probabilities is not None:
-            heads = {name: result.probabilities[name][offset] for name in HEAD_OUTPUT_NAMES}
+            heads = {name: result.probabilities[name][offset] for name in HEAD_NAMES}
         verdicts.append(
             TokenVerdict(
                 position=position,

@@ -119,11 +119,18 @@ class AsyncGuardEngine:
                 if submission.future is not None and not submission.future.done():
                     submission.future.set_exception(error)
 
-    def _needs_history(self, conversation_id: str, known_length: int) -> bool:
+    def _placement(self, conversation_id: str, known_length: int) -> str:
+        """How a submission that follows `known_length` tokens fits what the engine holds:
+        "append", "truncate" (the engine ran tokens the caller never made durable), "rebuild"
+        (the engine lacks some of them) or "conflict" (work queued that the caller did not count)."""
         position = self.engine.next_position(conversation_id)
         if position == known_length or (position is None and known_length == 0):
-            return False
-        return position is None or position < known_length
+            return "append"
+        if position is None:
+            return "rebuild"
+        if not self.engine.is_idle(conversation_id):
+            return "conflict"
+        return "truncate" if position > known_length else "rebuild"
 
     async def _load_histories(self, submissions: list[_Submission]) -> dict[str, list[int]]:
         """Fetch, concurrently, the history of each conversation whose first submission needs it."""
@@ -134,9 +141,8 @@ class AsyncGuardEngine:
             if conversation_id in seen:
                 continue
             seen.add(conversation_id)
-            if submission.known_length is not None and self._needs_history(
-                conversation_id, submission.known_length
-            ):
+            known = submission.known_length
+            if known is not None and self._placement(conversation_id, known) == "rebuild":
                 wanted[conversation_id] = submission.known_length
         if not wanted:
             return {}
@@ -158,18 +164,16 @@ class AsyncGuardEngine:
             engine.release(conversation_id)
             return
         assert submission.future is not None
-        position = engine.next_position(conversation_id)
-        if position == known or (position is None and known == 0):
-            request_id = engine.submit(conversation_id, submission.token_ids)
-        elif position is not None and position > known and engine.is_idle(conversation_id):
-            # The engine ran tokens the caller never made durable (crash before its commit): drop them.
-            engine.truncate(conversation_id, known)
-            request_id = engine.submit(conversation_id, submission.token_ids)
-        elif position is not None and not engine.is_idle(conversation_id):
+        placement = self._placement(conversation_id, known)
+        if placement == "conflict":
             raise ValueError(
                 f"conversation {conversation_id!r}: submission follows {known} tokens but the engine "
-                f"has work queued up to position {position}"
+                f"has work queued up to position {engine.next_position(conversation_id)}"
             )
+        if placement == "truncate":
+            engine.truncate(conversation_id, known)
+        if placement in ("append", "truncate"):
+            request_id = engine.submit(conversation_id, submission.token_ids)
         else:
             history = histories.pop(conversation_id, None)
             if history is None or len(history) < known:

@@ -160,10 +160,10 @@ class GuardEngine:
                 keep_from = row + max(0, request.rebuild - chunk.offset)  # rebuild rows give no results
                 request.label_rows += output.labels[keep_from : row + chunk.length]
                 if output.probabilities is not None:
-                    request.probability_rows += [
-                        {head: rows[index] for head, rows in output.probabilities.items()}
-                        for index in range(keep_from, row + chunk.length)
-                    ]
+                    for head, rows in output.probabilities.items():
+                        request.probabilities.setdefault(head, []).extend(
+                            rows[keep_from : row + chunk.length]
+                        )
                 request.done += chunk.length
                 row += chunk.length
                 if request.remaining == 0:
@@ -210,11 +210,9 @@ class GuardEngine:
                 category_prob=list(columns[offset + 3]),
             )
 
-        probabilities = None
-        if self.config.keep_probabilities and request.probability_rows:
-            probabilities = {
-                name: [row[name] for row in request.probability_rows] for name in request.probability_rows[0]
-            }
+        probabilities = (
+            request.probabilities if self.config.keep_probabilities and request.probabilities else None
+        )
         return ChunkResult(
             conversation_id=request.conversation_id,
             request_id=request.request_id,

@@ -21,7 +21,7 @@ from processor.model.attention import (
     packed_keys,
 )
 from processor.model.loader import GuardModel
-from processor.model.qwen3_guard import GuardLogits
+from processor.model.qwen3_guard import HEAD_NAMES, GuardLogits
 
 # Columns of the per-token label matrix copied to the host.
 LABEL_COLUMNS = (
@@ -34,7 +34,6 @@ LABEL_COLUMNS = (
     "query_category",
     "query_category_prob",
 )
-HEAD_NAMES = ("risk", "category", "query_risk", "query_category")
 
 
 @dataclass

@@ -119,7 +119,7 @@ class Scheduler:
             if request.done:
                 # Part of this request is already cached: fold it back so the whole request reruns.
                 request.label_rows.clear()
-                request.probability_rows.clear()
+                request.probabilities.clear()
                 request.done = 0
             kept = other.cached_token_ids[: request.start_position]
             request.token_ids = kept + request.token_ids

@@ -21,7 +21,7 @@ class ChunkRequest:
     rebuild: int = 0
     done: int = 0
     label_rows: list[list[float]] = field(default_factory=list)
-    probability_rows: list[dict[str, list[float]]] = field(default_factory=list)
+    probabilities: dict[str, list[list[float]]] = field(default_factory=dict)  # head -> per-token rows
 
     @property
     def remaining(self) -> int:

@@ -13,8 +13,12 @@ DEFAULT_STATE_DIR = ".guardstream"
 
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR),
-                        help="folder for pids, data and logs (default: ./.guardstream)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(DEFAULT_STATE_DIR),
+        help="folder for pids, data and logs (default: ./.guardstream)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -114,8 +114,10 @@ def java_command() -> str:
     if match:
         major = int(match.group(1)) if match.group(1) != "1" else int(match.group(2) or 0)
         if major < MIN_JAVA:
-            raise ServiceError(f"Kafka {KAFKA_VERSION} needs Java {MIN_JAVA}+, but {java} is Java {major}.\n"
-                               "Install e.g.: apt-get install default-jre-headless, or set JAVA_HOME.")
+            raise ServiceError(
+                f"Kafka {KAFKA_VERSION} needs Java {MIN_JAVA}+, but {java} is Java {major}.\n"
+                "Install e.g.: apt-get install default-jre-headless, or set JAVA_HOME."
+            )
     return java
 
 
@@ -165,12 +167,25 @@ def ensure_distribution(version: str = KAFKA_VERSION) -> Path:
         (home / "pom.xml").write_text(_POM.format(kafka=version, log4j=LOG4J_VERSION))
         staging = home / "libs.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"Fetching Apache Kafka {version} from Maven Central into {home} (first run only)...",
-              file=sys.stderr, flush=True)
+        print(
+            f"Fetching Apache Kafka {version} from Maven Central into {home} (first run only)...",
+            file=sys.stderr,
+            flush=True,
+        )
         result = subprocess.run(
-            [mvn, "-B", "-q", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
-             f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
+            [
+                mvn,
+                "-B",
+                "-q",
+                "-f",
+                str(home / "pom.xml"),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0 or not any(staging.glob(f"kafka_2.13-{version}.jar")):
             output = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
@@ -218,26 +233,45 @@ def _write_config(home: Path, port: int, controller_port: int) -> Path:
     }
     config = home / "server.properties"
     config.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
-    (home / "log4j2.xml").write_text(_LOG4J2_XML.format(
-        log=html.escape(f'"{logs / "server.log"}"', quote=False),
-        pattern=html.escape(f'"{logs / "server.log.%i"}"', quote=False),
-    ))
+    (home / "log4j2.xml").write_text(
+        _LOG4J2_XML.format(
+            log=html.escape(f'"{logs / "server.log"}"', quote=False),
+            pattern=html.escape(f'"{logs / "server.log.%i"}"', quote=False),
+        )
+    )
     return config
 
 
 def _java_base(java: str, libs: Path, home: Path) -> list[str]:
-    return [java, *JVM_HEAP, "-XX:+UseG1GC", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={home / 'log4j2.xml'}", f"-Dkafka.logs.dir={home / 'logs'}",
-            "-cp", f"{libs}/*"]
+    return [
+        java,
+        *JVM_HEAP,
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={home / 'log4j2.xml'}",
+        f"-Dkafka.logs.dir={home / 'logs'}",
+        "-cp",
+        f"{libs}/*",
+    ]
 
 
 def _format_storage(java: str, libs: Path, home: Path, config: Path) -> None:
     if (home / "data" / "meta.properties").exists():
         return  # formatted by an earlier `up`: keep its topics and offsets
     result = subprocess.run(
-        [*_java_base(java, libs, home), "kafka.tools.StorageTool", "format",
-         "-t", _cluster_id(), "-c", str(config), "--ignore-formatted"],
-        capture_output=True, text=True, check=False,
+        [
+            *_java_base(java, libs, home),
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            _cluster_id(),
+            "-c",
+            str(config),
+            "--ignore-formatted",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise ServiceError(f"Kafka storage format failed:\n{result.stdout}{result.stderr}")
@@ -315,5 +349,7 @@ def wait_ready(instance: KafkaInstance, state_dir: Path, timeout: float = START_
         if broker_answers(instance.bootstrap):
             return
         time.sleep(0.3)
-    raise ServiceError(f"Kafka did not answer on {instance.bootstrap} within {timeout:.0f}s. "
-                       f"Last lines of {home / 'logs' / 'server.log'}:\n{tail(home / 'logs' / 'server.log')}")
+    raise ServiceError(
+        f"Kafka did not answer on {instance.bootstrap} within {timeout:.0f}s. "
+        f"Last lines of {home / 'logs' / 'server.log'}:\n{tail(home / 'logs' / 'server.log')}"
+    )

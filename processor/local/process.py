@@ -40,8 +40,12 @@ class ManagedProcess:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ManagedProcess:
         start = data.get("start_time")
-        return cls(str(data["name"]), int(data["pid"]), int(start) if start is not None else None,
-                   str(data["marker"]))
+        return cls(
+            str(data["name"]),
+            int(data["pid"]),
+            int(start) if start is not None else None,
+            str(data["marker"]),
+        )
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -90,14 +94,25 @@ def describe_exit(proc: ManagedProcess) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-def spawn(name: str, cmd: Sequence[str], log_path: Path, marker: str, cwd: Path | None = None,
-          env: Mapping[str, str] | None = None) -> ManagedProcess:
+def spawn(
+    name: str,
+    cmd: Sequence[str],
+    log_path: Path,
+    marker: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ManagedProcess:
     """Start `cmd` in its own session (so it survives our exit and can be signalled as a group)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
-            list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True,
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
         )
     stat = _proc_stat(popen.pid)
     # Keep the Popen from warning "still running" when garbage collected: we track the pid ourselves.

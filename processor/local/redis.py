@@ -37,8 +37,10 @@ class RedisInstance:
 def redis_server() -> str:
     found = shutil.which("redis-server")
     if not found:
-        raise ServiceError("`redis-server` was not found on PATH.\n"
-                           "Install it, e.g.: apt-get install redis-server (or brew install redis)")
+        raise ServiceError(
+            "`redis-server` was not found on PATH.\n"
+            "Install it, e.g.: apt-get install redis-server (or brew install redis)"
+        )
     return found
 
 
@@ -50,9 +52,21 @@ def start(state_dir: Path, port: int | None = None) -> RedisInstance:
     if port_in_use(HOST, port):
         raise ServiceError(f"Port {port} on {HOST} is already in use; pick another --redis-port.")
     cmd = [
-        binary, "--bind", HOST, "--port", str(port), "--dir", str(home),
-        "--appendonly", "yes", "--daemonize", "no",  # in the foreground of its own session: we hold its pid
-        "--pidfile", str(home / "redis.pid"), "--logfile", str(home / "redis.log"),
+        binary,
+        "--bind",
+        HOST,
+        "--port",
+        str(port),
+        "--dir",
+        str(home),
+        "--appendonly",
+        "yes",
+        "--daemonize",
+        "no",  # in the foreground of its own session: we hold its pid
+        "--pidfile",
+        str(home / "redis.pid"),
+        "--logfile",
+        str(home / "redis.log"),
     ]
     # redis-server rewrites its process title, but it always keeps its own name in it.
     process = spawn("redis", cmd, home / "redis.out", marker="redis-server", cwd=home)
@@ -74,11 +88,15 @@ def wait_ready(instance: RedisInstance, state_dir: Path, timeout: float = START_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(instance.process):
-            raise EndedDuringStartup(f"redis-server {describe_exit(instance.process)} during startup.\n"
-                               f"{tail(home / 'redis.log')}\n"
-                               f"{tail(home / 'redis.out')}")
+            raise EndedDuringStartup(
+                f"redis-server {describe_exit(instance.process)} during startup.\n"
+                f"{tail(home / 'redis.log')}\n"
+                f"{tail(home / 'redis.out')}"
+            )
         if ping(HOST, instance.port):
             return
         time.sleep(0.1)
-    raise ServiceError(f"redis-server did not answer PING on port {instance.port} within {timeout:.0f}s:\n"
-                       f"{tail(home / 'redis.log')}")
+    raise ServiceError(
+        f"redis-server did not answer PING on port {instance.port} within {timeout:.0f}s:\n"
+        f"{tail(home / 'redis.log')}"
+    )

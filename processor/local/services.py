@@ -79,10 +79,17 @@ def _running(entry: dict[str, Any] | None) -> bool:
 def _start(state_dir: Path, name: str, port: int | None, prior: dict[str, Any]) -> dict[str, Any]:
     if name == "kafka":
         same_port = port in (None, prior.get("port"))
-        kafka = kafka_service.start(state_dir, port or _reusable(prior.get("port")),
-                                    _reusable(prior.get("controller_port")) if same_port else None)
-        return {"process": kafka.process.to_dict(), "port": kafka.port,
-                "controller_port": kafka.controller_port, "bootstrap": kafka.bootstrap}
+        kafka = kafka_service.start(
+            state_dir,
+            port or _reusable(prior.get("port")),
+            _reusable(prior.get("controller_port")) if same_port else None,
+        )
+        return {
+            "process": kafka.process.to_dict(),
+            "port": kafka.port,
+            "controller_port": kafka.controller_port,
+            "bootstrap": kafka.bootstrap,
+        }
     redis = redis_service.start(state_dir, port or _reusable(prior.get("port")))
     return {"process": redis.process.to_dict(), "port": redis.port, "url": redis.url}
 
@@ -109,8 +116,9 @@ def _preflight(names: list[str]) -> None:
         raise ServiceError("\n".join(problems))
 
 
-def ensure(state_dir: Path | str, names: Iterable[str] = SERVICES,
-           ports: dict[str, int | None] | None = None) -> tuple[dict[str, dict[str, Any]], bool]:
+def ensure(
+    state_dir: Path | str, names: Iterable[str] = SERVICES, ports: dict[str, int | None] | None = None
+) -> tuple[dict[str, dict[str, Any]], bool]:
     """Start whichever of `names` is not already running; wait until all answer.
 
     Returns (state entries by name, whether anything was started). On failure, stops what this call
@@ -131,7 +139,8 @@ def ensure(state_dir: Path | str, names: Iterable[str] = SERVICES,
                     if ports.get(name) and ports[name] != entry["port"]:
                         raise ServiceError(
                             f"{name} already runs on port {entry['port']} for {state_dir}; "
-                            f"run `guardstream local down` first to move it to {ports[name]}.")
+                            f"run `guardstream local down` first to move it to {ports[name]}."
+                        )
                     continue
                 state[name] = _start(state_dir, name, ports.get(name), entry)
                 started.append(ManagedProcess.from_dict(state[name]["process"]))
@@ -145,8 +154,11 @@ def ensure(state_dir: Path | str, names: Iterable[str] = SERVICES,
                         raise
                     # One more try: a port taken between picking and binding it, or a stray signal,
                     # should not fail a whole test session. A second failure is reported as is.
-                    print(f"guardstream local: {str(error).splitlines()[0]} Starting it once more.",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"guardstream local: {str(error).splitlines()[0]} Starting it once more.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     state[name] = _start(state_dir, name, ports.get(name), state[name])
                     started.append(ManagedProcess.from_dict(state[name]["process"]))
                     _save(state_dir, state)
@@ -169,8 +181,10 @@ def up(state_dir: Path | str, kafka_port: int | None = None, redis_port: int | N
     state_dir = Path(state_dir).resolve()
     entries, started = ensure(state_dir, SERVICES, {"kafka": kafka_port, "redis": redis_port})
     services = LocalServices(
-        kafka_bootstrap=entries["kafka"]["bootstrap"], redis_url=entries["redis"]["url"],
-        pids={name: entry["process"]["pid"] for name, entry in entries.items()}, reused=not started,
+        kafka_bootstrap=entries["kafka"]["bootstrap"],
+        redis_url=entries["redis"]["url"],
+        pids={name: entry["process"]["pid"] for name, entry in entries.items()},
+        reused=not started,
     )
     (state_dir / ENV_FILE).write_text("".join(line + "\n" for line in env_lines(services)))
     return services
@@ -203,6 +217,9 @@ def status(state_dir: Path | str) -> dict[str, dict[str, Any]]:
     for name in SERVICES:
         entry = state.get(name)
         if entry:
-            report[name] = {"running": _running(entry), "pid": entry.get("process", {}).get("pid"),
-                            "address": entry[_ADDRESS_KEY[name]]}
+            report[name] = {
+                "running": _running(entry),
+                "pid": entry.get("process", {}).get("pid"),
+                "address": entry[_ADDRESS_KEY[name]],
+            }
     return report

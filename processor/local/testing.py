@@ -98,8 +98,10 @@ def _kafka_container(stack: contextlib.ExitStack) -> str:
     container.start()
     stack.callback(container.stop)
     host, port = container.get_container_host_ip(), container.get_exposed_port(9092)
-    body = (f"export KAFKA_ADVERTISED_LISTENERS=PLAINTEXT://{host}:{port},BROKER://localhost:9093\n"
-            "exec /etc/kafka/docker/run\n").encode()
+    body = (
+        f"export KAFKA_ADVERTISED_LISTENERS=PLAINTEXT://{host}:{port},BROKER://localhost:9093\n"
+        "exec /etc/kafka/docker/run\n"
+    ).encode()
     archive = BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         info = tarfile.TarInfo(script.lstrip("/"))
@@ -119,8 +121,9 @@ def _kafka_container(stack: contextlib.ExitStack) -> str:
 def _redis_container(stack: contextlib.ExitStack) -> str:
     from testcontainers.core.container import DockerContainer
 
-    container: Any = (DockerContainer(REDIS_IMAGE).with_exposed_ports(6379)
-                      .with_command("redis-server --appendonly yes"))
+    container: Any = (
+        DockerContainer(REDIS_IMAGE).with_exposed_ports(6379).with_command("redis-server --appendonly yes")
+    )
     container.start()
     stack.callback(container.stop)
     host, port = container.get_container_host_ip(), int(container.get_exposed_port(6379))

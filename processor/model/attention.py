@@ -12,6 +12,7 @@ packed tokens (CUDA, no padding). Both must give the same results (tests compare
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,13 @@ def write_kv(
     kv_layer[1].index_copy_(0, slot_mapping, value.to(kv_layer.dtype))
 
 
+def read_kv(
+    kv_layer: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values at `slots` (any shape S), as [*S, kv_heads, head_dim] in the compute dtype."""
+    return kv_layer[0][slots].to(dtype), kv_layer[1][slots].to(dtype)
+
+
 def sdpa_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -78,12 +86,11 @@ def sdpa_attention(
     for group in batch.groups:
         rows, queries = group.token_rows.shape
         group_query = query[group.token_rows].transpose(1, 2)  # [B, heads, Q, D]
-        group_key = kv_layer[0][group.key_slots].transpose(1, 2)  # [B, kv_heads, L, D]
-        group_value = kv_layer[1][group.key_slots].transpose(1, 2)
+        group_key, group_value = read_kv(kv_layer, group.key_slots, query.dtype)  # [B, L, kv_heads, D]
         attended = F.scaled_dot_product_attention(
             group_query,
-            group_key.to(query.dtype),
-            group_value.to(query.dtype),
+            group_key.transpose(1, 2),
+            group_value.transpose(1, 2),
             attn_mask=group.mask,
             scale=scale,
             enable_gqa=True,
@@ -113,6 +120,7 @@ def packed_keys(
     return PackedKeys(key_slots=key_slots, block_mask=block_mask)
 
 
+@functools.cache  # compiled once per process
 def _flex_kernel():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -120,9 +128,6 @@ def _flex_kernel():
     if torch.cuda.is_available():
         return torch.compile(flex_attention, dynamic=True)
     return flex_attention
-
-
-_FLEX_KERNEL = None
 
 
 def flex_packed_attention(
@@ -134,17 +139,13 @@ def flex_packed_attention(
     scale: float,
 ) -> torch.Tensor:
     """FlexAttention over the packed tokens: no padding between short and long chunks."""
-    global _FLEX_KERNEL
-    if _FLEX_KERNEL is None:
-        _FLEX_KERNEL = _flex_kernel()
     assert batch.packed is not None, "the flex backend needs AttentionBatch.packed"
     write_kv(key, value, kv_layer, batch.slot_mapping)
-    packed_key = kv_layer[0][batch.packed.key_slots].to(query.dtype).transpose(0, 1)[None]
-    packed_value = kv_layer[1][batch.packed.key_slots].to(query.dtype).transpose(0, 1)[None]
-    attended = _FLEX_KERNEL(
+    packed_key, packed_value = read_kv(kv_layer, batch.packed.key_slots, query.dtype)  # [S, kv_heads, D]
+    attended = _flex_kernel()(
         query.transpose(0, 1)[None],
-        packed_key,
-        packed_value,
+        packed_key.transpose(0, 1)[None],
+        packed_value.transpose(0, 1)[None],
         block_mask=batch.packed.block_mask,
         scale=scale,
         enable_gqa=True,

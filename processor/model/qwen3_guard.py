@@ -6,7 +6,7 @@ Module names follow the official checkpoint's state-dict keys (`model.layers.N.s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -115,6 +115,10 @@ class GuardLogits:
     category: torch.Tensor
     query_risk: torch.Tensor
     query_category: torch.Tensor
+
+
+# The four heads by name, in GuardLogits' field order (results and `score --all-heads` use these).
+HEAD_NAMES: tuple[str, ...] = tuple(field.name for field in fields(GuardLogits))
 
 
 class Qwen3GuardNetwork(nn.Module):
