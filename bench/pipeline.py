@@ -1,10 +1,32 @@
-"""End-to-end pipeline benchmark: offered load (conversations x events/s, one token per event) through a
-real worker process, next to the raw ceiling of an aiokafka consume+produce loop measured in the same run.
+"""Pipeline benchmark: the worker's throughput and latency through real Kafka and Redis, in one run.
 
-    python bench/pipeline.py --model /tmp/tiny --device cuda --conversations 200 --rate 20000 --seconds 20
+Three measurements, printed as a table and written as JSON (bench/results/pipeline-<device>.json):
+
+1. Raw ceiling, no model and no Redis: getmany -> json parse -> produce -> await acks -> commit,
+   producing with one `AIOKafkaProducer.send` per record or with `BatchPublisher` (what the worker
+   uses), both reading the same pre-filled topic, in alternating passes. Events/s.
+2. Offered load through one worker process, at each rate of --rates in turn (fresh conversations per
+   rate, each opened with a short user turn, then one assistant token per event, round robin). The
+   generator sends every event that is due each --tick-ms with `BatchPublisher` (acks awaited at the
+   end, not in the pacing loop), stamping "ts" when the batch is queued. Per rate: the offered rate
+   achieved, sustained events/s (token verdicts received / time from the first event to the last
+   verdict), whether everything was answered within --answer-timeout after the last event, and the
+   p50/p95/p99 latency from the event's ts to the verdict's receipt here. Before the next rate starts,
+   a backlog gets up to another --answer-timeout to clear.
+3. Drain (--drain-events N, 0 skips it): the worker's maximum throughput. A fresh worker on fresh
+   topics answers the user turns of its conversations (--drain-conversations, default
+   --conversations), is frozen (SIGSTOP) while N assistant-token events are produced, then thawed, so
+   it finds them all waiting:
+   token verdicts/s from the first to the last.
+
+    python bench/pipeline.py --model DIR --device cpu --rates 1000,5000,10000,20000 --seconds 15 \\
+        --conversations 200 --raw-events 100000 --drain-events 40000
 
 Without --kafka-bootstrap / --redis-url it starts local services (processor.local) and stops them after.
-Prints one JSON object: offered and sustained events/s, p50/p99 latency from event ts to verdict receipt.
+On CPU, unless --kv-cache-bytes is given, each worker's KV cache is sized (from the checkpoint's
+config.json) to hold every conversation of its phase, so that no eviction shows up in the figures.
+The load generator, the verdict reader and the raw loops run in this process and share the machine
+with the broker, Redis and the worker: compare figures from the same machine and the same run.
 """
 
 from __future__ import annotations
@@ -12,21 +34,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
+import math
 import os
+import platform
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from processor.worker.publisher import BatchPublisher  # noqa: E402
+from processor.worker.settings import redact_url  # noqa: E402
+
+DEFAULT_RATES = "1000,5000,10000,20000"
+USER_TURN = [9707, 11, 1246]  # the short user turn that opens every conversation
+BLOCK_SIZE = 16  # the engine's KV block size (EngineConfig.block_size), for sizing the CPU cache
+MIN_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class WorkerExited(RuntimeError):
+    pass
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -36,6 +75,10 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
 async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -43,26 +86,92 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int) -> No
         await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
     finally:
         await admin.close()
+    # A new partition takes a moment to get a working leader (longer on a busy broker); asking every
+    # partition's end offset waits for that here, rather than in retried sends inside a measurement.
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await probe.start()
+    try:
+        await probe.end_offsets(
+            [TopicPartition(name, index) for name in names for index in range(partitions)]
+        )
+    finally:
+        await probe.stop()
 
 
-async def raw_ceiling(bootstrap: str, events: int, partitions: int) -> float:
-    """Events/s of getmany -> json parse -> produce -> await acks, with no model and no Redis."""
-    source, sink = f"bench.raw.{uuid.uuid4().hex[:8]}", f"bench.raw-out.{uuid.uuid4().hex[:8]}"
-    await create_topics(bootstrap, [source, sink], partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", enable_idempotence=True)
+def new_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all", enable_idempotence=True
+    )
+
+
+def user_turn(conversation_id: str) -> bytes:
+    event = {"conversation_id": conversation_id, "seq": 0, "role": "user", "token_ids": USER_TURN}
+    return json.dumps(event | {"end_of_turn": True}).encode()
+
+
+def assistant_token(conversation_id: str, seq: int, token: int, ts: float) -> bytes:
+    """One assistant token event, formatted by hand: ~1.6 us against ~8 us for json.dumps (2-core box)."""
+    return (
+        f'{{"conversation_id":"{conversation_id}","seq":{seq},"role":"assistant",'
+        f'"token_ids":[{token}],"ts":{ts!r}}}'
+    ).encode()
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Raw ceiling
+
+
+async def raw_ceiling(bootstrap: str, events: int, partitions: int, repeats: int) -> dict:
+    """Events/s of getmany -> json parse -> produce -> await acks -> commit, no model, no Redis.
+
+    Passes alternate send, batch, batch, send, ... (`repeats` each), so that neither variant always
+    runs first on a machine whose load drifts; each variant's figure is the mean of its passes.
+    """
+    source = f"bench.raw.{uuid.uuid4().hex[:8]}"
+    order = [("send", "batch")[(index + index // 2) % 2] for index in range(2 * repeats)]
+    sinks = [f"{source}.out-{number}-{variant}" for number, variant in enumerate(order)]
+    await create_topics(bootstrap, [source, *sinks], partitions)
+    producer = new_producer(bootstrap, linger_ms=5)
     await producer.start()
-    for index in range(events):
-        value = json.dumps(
-            {
-                "conversation_id": f"c{index % 500}",
-                "seq": index,
-                "role": "assistant",
-                "token_ids": [index % 1000],
-                "ts": time.time(),
-            }
-        ).encode()
-        await producer.send(source, value, key=f"c{index % 500}".encode())
-    await producer.flush()
+    try:
+        publisher = BatchPublisher(producer)
+        for first in range(0, events, 10_000):
+            records = []
+            for index in range(first, min(events, first + 10_000)):
+                key = f"c{index % 500}"
+                value = {
+                    "conversation_id": key,
+                    "seq": index,
+                    "role": "assistant",
+                    "token_ids": [index % 1000],
+                }
+                records.append((key.encode(), json.dumps(value | {"ts": time.time()}).encode()))
+            await publisher.publish(source, records)
+        passes: dict[str, list[float]] = {"send": [], "batch": []}
+        for variant, sink in zip(order, sinks, strict=True):
+            batched = publisher if variant == "batch" else None
+            passes[variant].append(round(await raw_loop(bootstrap, producer, source, sink, events, batched)))
+        return {
+            "events": events,
+            "order": order,
+            "send_events_per_s": round(sum(passes["send"]) / repeats),
+            "batch_publisher_events_per_s": round(sum(passes["batch"]) / repeats),
+            "send_passes": passes["send"],
+            "batch_publisher_passes": passes["batch"],
+        }
+    finally:
+        await producer.stop()
+
+
+async def raw_loop(
+    bootstrap: str,
+    producer: AIOKafkaProducer,
+    source: str,
+    sink: str,
+    events: int,
+    publisher: BatchPublisher | None = None,
+) -> float:
+    """One consume -> produce pass over `source` in a fresh group; `publisher` None: one send a record."""
     consumer = AIOKafkaConsumer(
         source,
         bootstrap_servers=bootstrap,
@@ -71,119 +180,472 @@ async def raw_ceiling(bootstrap: str, events: int, partitions: int) -> float:
         enable_auto_commit=False,
     )
     await consumer.start()
-    done, started = 0, None
-    while done < events:
-        batch = await consumer.getmany(timeout_ms=500, max_records=2000)
-        started = started or time.perf_counter()
-        sends = []
-        for records in batch.values():
-            for record in records:
-                event = json.loads(record.value)
-                sends.append(
-                    await producer.send(sink, json.dumps({"seq": event["seq"]}).encode(), key=record.key)
-                )
-        await asyncio.gather(*sends)
-        if batch:
+    try:
+        done, started, deadline = 0, None, time.monotonic() + 120 + events / 1000
+        while done < events:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"raw loop: {done} of {events} events consumed before the deadline")
+            batch = await consumer.getmany(timeout_ms=500, max_records=2000)
+            if not batch:
+                continue
+            started = started or time.perf_counter()  # from the first records (not the group join)
+            if publisher is None:
+                sends = []
+                for records in batch.values():
+                    for record in records:
+                        event = json.loads(record.value)
+                        value = json.dumps({"seq": event["seq"]}).encode()
+                        sends.append(await producer.send(sink, value, key=record.key))
+                await asyncio.gather(*sends)
+            else:
+                out = []
+                for records in batch.values():
+                    for record in records:
+                        event = json.loads(record.value)
+                        out.append((record.key, json.dumps({"seq": event["seq"]}).encode()))
+                await publisher.publish(sink, out)
             await consumer.commit()
-        done += sum(len(records) for records in batch.values())
-    seconds = time.perf_counter() - started
-    await consumer.stop()
-    await producer.stop()
-    return events / seconds
+            done += sum(len(records) for records in batch.values())
+        return events / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
 
 
-async def offered_load(args, bootstrap: str, tokens_topic: str, verdicts_topic: str) -> dict:
-    latencies: list[float] = []
-    received = 0
-    sent_at: dict[tuple[str, int], float] = {}
-    consumer = AIOKafkaConsumer(
-        verdicts_topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="latest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    stop_reading = asyncio.Event()
+# --------------------------------------------------------------------------------------------------
+# Verdicts
 
-    async def read() -> None:
-        nonlocal received
-        while not stop_reading.is_set():
-            batch = await consumer.getmany(timeout_ms=100)
+
+@dataclass
+class Tally:
+    """What came back for one phase's assistant tokens (keyed by (conversation_id, seq))."""
+
+    sent_at: dict[tuple[str, int], float] = field(default_factory=dict)  # unanswered: their event ts
+    opened: set[str] = field(default_factory=set)  # conversations whose user turn was answered
+    answered: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    first_at: float | None = None  # time.time() of the first / last assistant-token verdict received
+    first_count: int = 0  # assistant-token verdicts received together with the first one
+    last_at: float | None = None
+    latencies: list[float] = field(default_factory=list)  # seconds, event ts -> verdict received here
+    worker_latencies: list[float] = field(default_factory=list)  # the verdicts' latency_ms / 1000
+
+
+class VerdictReader:
+    """Reads a verdict topic from its start in the background, tallying verdicts by conversation."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+        )
+        self._tallies: dict[str, Tally] = {}
+        self._task: asyncio.Task | None = None
+
+    def route(self, conversations: list[str], tally: Tally) -> None:
+        self._tallies.update(dict.fromkeys(conversations, tally))
+
+    async def __aenter__(self) -> VerdictReader:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        tallies = self._tallies
+        while True:
+            # Small batches: parsing thousands of verdicts at once would stall the load generator.
+            batch = await self._consumer.getmany(timeout_ms=50, max_records=500)
             now = time.time()
             for records in batch.values():
                 for record in records:
                     verdict = json.loads(record.value)
-                    if verdict["kind"] != "tokens" or verdict["role"] != "assistant":
+                    conversation_id = verdict["conversation_id"]
+                    tally = tallies.get(conversation_id)
+                    if tally is None:
                         continue
-                    received += 1
-                    started = sent_at.pop((verdict["conversation_id"], verdict["seq"]), None)
-                    if started is not None:
-                        latencies.append(now - started)
+                    if verdict["kind"] == "error":
+                        tally.errors += 1
+                    elif verdict["seq"] == 0:
+                        tally.opened.add(conversation_id)
+                    elif verdict["kind"] == "tokens" and verdict["role"] == "assistant":
+                        sent = tally.sent_at.pop((conversation_id, verdict["seq"]), None)
+                        if sent is None:
+                            tally.duplicates += 1
+                            continue
+                        tally.answered += 1
+                        tally.latencies.append(now - sent)
+                        if verdict.get("latency_ms") is not None:
+                            tally.worker_latencies.append(verdict["latency_ms"] / 1000)
+                        if tally.first_at is None:
+                            tally.first_at = now
+                        if tally.first_at == now:
+                            tally.first_count += 1
+                        tally.last_at = now
 
-    reader = asyncio.create_task(read())
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks="all", enable_idempotence=True)
+
+async def wait_until(done: Callable[[], bool], timeout: float, worker: subprocess.Popen) -> bool:
+    """True once `done()`; False after `timeout` seconds. Raises if the worker exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if worker.poll() is not None:
+            raise WorkerExited(f"the worker exited with {worker.returncode}")
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker process
+
+
+def kv_cache_bytes(args, conversations: int, tokens_each: list[int]) -> int | None:
+    """--kv-cache-bytes, else on CPU a cache holding every conversation of a phase (tokens_each: per
+    group of `conversations`), else None (a GPU worker takes a share of the free memory)."""
+    if args.kv_cache_bytes:
+        return args.kv_cache_bytes
+    if not args.device.startswith("cpu"):
+        return None
+    try:
+        config = json.loads((Path(args.model) / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        element = 2 if args.dtype in ("bfloat16", "float16") else 4
+        per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * element
+    except (OSError, ValueError, KeyError):
+        return MIN_CPU_KV_CACHE_BYTES
+    blocks = sum(conversations * (math.ceil(tokens / BLOCK_SIZE) + 1) for tokens in tokens_each)
+    return max(MIN_CPU_KV_CACHE_BYTES, int(1.25 * blocks * BLOCK_SIZE * per_token))
+
+
+@contextlib.contextmanager
+def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_bytes: int | None) -> Iterator:
+    environment = os.environ | {
+        "GUARDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "GUARDSTREAM_REDIS_URL": redis_url,
+        "GUARDSTREAM_MODEL": args.model,
+        "GUARDSTREAM_DEVICE": args.device,
+        "GUARDSTREAM_TEMPLATE": "raw",
+        "GUARDSTREAM_TOKENS_TOPIC": f"{prefix}.tokens",
+        "GUARDSTREAM_VERDICTS_TOPIC": f"{prefix}.verdicts",
+        "GUARDSTREAM_DLQ_TOPIC": f"{prefix}.dlq",
+        "GUARDSTREAM_GROUP_ID": f"{prefix}.workers",
+        "GUARDSTREAM_REDIS_KEY_PREFIX": f"{prefix}:",
+        "GUARDSTREAM_SESSION_TTL": "3600",  # the bench's sessions need not outlive it by a day
+        "GUARDSTREAM_HTTP_PORT": "0",
+    }
+    if args.dtype:
+        environment["GUARDSTREAM_DTYPE"] = args.dtype
+    if cache_bytes:
+        environment["GUARDSTREAM_KV_CACHE_BYTES"] = str(cache_bytes)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "processor.cli", "worker", "--log-level", "WARNING"], cwd=ROOT, env=environment
+    )
+    try:
+        yield worker
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+async def new_topics(bootstrap: str, prefix: str, partitions: int) -> None:
+    await create_topics(bootstrap, [f"{prefix}.tokens", f"{prefix}.verdicts", f"{prefix}.dlq"], partitions)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Offered load
+
+
+async def offered_load(args, bootstrap: str, redis_url: str, rates: list[float]) -> list[dict]:
+    prefix = f"bench.{uuid.uuid4().hex[:8]}"
+    await new_topics(bootstrap, prefix, args.partitions)
+    tokens_each = [3 + math.ceil(rate * args.seconds / args.conversations) for rate in rates]
+    cache_bytes = kv_cache_bytes(args, args.conversations, tokens_each)
+    producer = new_producer(bootstrap)
     await producer.start()
-    conversations = [f"bench-{uuid.uuid4().hex[:6]}-{i}" for i in range(args.conversations)]
-    seq = dict.fromkeys(conversations, 0)
-    # A short user turn first, then one assistant token per event, round robin, paced to the rate.
-    for conversation_id in conversations:
-        value = json.dumps(
-            {
-                "conversation_id": conversation_id,
-                "seq": 0,
-                "role": "user",
-                "token_ids": [9707, 11, 1246],
-                "end_of_turn": True,
-            }
-        ).encode()
-        await producer.send(tokens_topic, value, key=conversation_id.encode())
-        seq[conversation_id] = 1
-    await producer.flush()
-    await asyncio.sleep(2)
-    total = int(args.rate * args.seconds)
-    started = time.perf_counter()
-    for index in range(total):
-        conversation_id = conversations[index % len(conversations)]
-        due = started + index / args.rate
-        delay = due - time.perf_counter()
-        if delay > 0.001:
-            await asyncio.sleep(delay)
-        now = time.time()
-        number = seq[conversation_id]
-        seq[conversation_id] = number + 1
-        sent_at[(conversation_id, number)] = now
-        value = json.dumps(
-            {
-                "conversation_id": conversation_id,
-                "seq": number,
-                "role": "assistant",
-                "token_ids": [1000 + index % 5000],
-                "ts": now,
-            }
-        ).encode()
-        await producer.send(tokens_topic, value, key=conversation_id.encode())
-    await producer.flush()
-    send_seconds = time.perf_counter() - started
-    deadline = time.monotonic() + 30
-    while received < total and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    elapsed = time.perf_counter() - started
-    stop_reading.set()
-    await reader
-    await consumer.stop()
-    await producer.stop()
-    return {
-        "offered_events_per_s": round(total / send_seconds),
-        "sustained_events_per_s": round(received / elapsed),
+    results = []
+    try:
+        async with VerdictReader(bootstrap, f"{prefix}.verdicts") as reader:
+            with worker_process(args, bootstrap, redis_url, prefix, cache_bytes) as worker:
+                previous: tuple[dict, Tally] | None = None
+                for index, rate in enumerate(rates):
+                    if previous is not None:
+                        row, tally = previous
+                        if tally.sent_at:  # a backlog: give it time to clear, unmeasured
+                            await wait_until(
+                                lambda pending=tally.sent_at: not pending, args.answer_timeout, worker
+                            )
+                            row["left_when_next_rate_started"] = len(tally.sent_at)
+                        await asyncio.sleep(args.pause)
+                    timeout = args.warmup if index == 0 else args.answer_timeout
+                    previous = await one_rate(args, rate, index, producer, reader, worker, prefix, timeout)
+                    results.append(previous[0])
+                    print(f"  {rate:,.0f}/s: {rate_summary(previous[0])}", flush=True)
+    finally:
+        await producer.stop()
+    for row in results:
+        row["kv_cache_bytes"] = cache_bytes
+    return results
+
+
+async def one_rate(
+    args,
+    rate: float,
+    index: int,
+    producer: AIOKafkaProducer,
+    reader: VerdictReader,
+    worker: subprocess.Popen,
+    prefix: str,
+    open_timeout: float,
+) -> tuple[dict, Tally]:
+    """One offered rate; returns its row and its tally (still counting a backlog's verdicts)."""
+    topic = f"{prefix}.tokens"
+    publisher = BatchPublisher(producer)
+    run = uuid.uuid4().hex[:6]
+    conversations = [f"bench-r{index}-{run}-{number}" for number in range(args.conversations)]
+    keys = [conversation_id.encode() for conversation_id in conversations]
+    tally = Tally()
+    reader.route(conversations, tally)
+    await publisher.publish(topic, [(key, user_turn(c)) for key, c in zip(keys, conversations, strict=True)])
+    opened = await wait_until(lambda: len(tally.opened) == len(conversations), open_timeout, worker)
+    if not opened:
+        raise RuntimeError(
+            f"the worker answered {len(tally.opened)} of {len(conversations)} user turns in {open_timeout} s"
+        )
+
+    total, count = round(rate * args.seconds), len(conversations)
+    sent_at, tick = tally.sent_at, args.tick_ms / 1000
+    acks: list[asyncio.Future] = []
+    sent, ticks, longest_gap = 0, 0, 0.0
+    started_wall, started = time.time(), time.perf_counter()
+    last_queued = started
+    while sent < total:
+        due = min(total, int((time.perf_counter() - started) * rate))  # event i is due at (i + 1) / rate
+        if due > sent:
+            now = time.time()
+            records = []
+            for number in range(sent, due):
+                slot, seq = number % count, 1 + number // count
+                conversation_id = conversations[slot]
+                sent_at[(conversation_id, seq)] = now
+                records.append((keys[slot], assistant_token(conversation_id, seq, 1000 + number % 5000, now)))
+            acks += await publisher.send(topic, records)  # waits while the partition's last batch is unsent
+            queued = time.perf_counter()
+            longest_gap = max(longest_gap, queued - last_queued)
+            sent, ticks, last_queued = due, ticks + 1, queued
+        if sent < total:
+            await asyncio.sleep(tick)
+    send_seconds = last_queued - started
+    await asyncio.gather(*acks)
+    acked_seconds = time.perf_counter() - started
+    await wait_until(lambda: tally.answered >= total, args.answer_timeout, worker)
+    elapsed = (tally.last_at - started_wall) if tally.last_at else None
+    latencies = tally.latencies
+    row = {
+        "target_events_per_s": rate,
+        "offered_events_per_s": round(total / send_seconds) if send_seconds > 0 else None,
+        "sustained_events_per_s": round(tally.answered / elapsed) if elapsed else 0,
         "events_sent": total,
-        "token_verdicts_received": received,
-        "latency_p50_ms": round(1000 * (percentile(latencies, 0.5) or 0), 2),
-        "latency_p99_ms": round(1000 * (percentile(latencies, 0.99) or 0), 2),
+        "conversations": count,
+        "send_seconds": round(send_seconds, 3),
+        "acked_seconds": round(acked_seconds, 3),
+        "ticks": ticks,
+        "longest_gap_between_sends_ms": ms(longest_gap),  # the generator's burstiness
+        "token_verdicts_received": tally.answered,
+        "unanswered": total - tally.answered,
+        "duplicate_verdicts": tally.duplicates,
+        "error_verdicts": tally.errors,
+        "seconds_to_last_verdict": round(elapsed, 3) if elapsed else None,
+        "latency_p50_ms": ms(percentile(latencies, 0.5)),
+        "latency_p95_ms": ms(percentile(latencies, 0.95)),
+        "latency_p99_ms": ms(percentile(latencies, 0.99)),
+        "latency_max_ms": ms(max(latencies, default=None)),
+        "worker_latency_p50_ms": ms(percentile(tally.worker_latencies, 0.5)),
+        "worker_latency_p99_ms": ms(percentile(tally.worker_latencies, 0.99)),
+    }
+    return row, tally
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Drain
+
+
+async def drain(args, bootstrap: str, redis_url: str) -> dict:
+    """The worker's maximum throughput: token verdicts/s while it works off a backlog of token events.
+
+    A fresh worker first answers every conversation's user turn (so that the backlog holds tokens
+    only, as in a stream, and nothing of the start-up is timed). It is then frozen (SIGSTOP) while
+    the token events are produced and thawed: it finds them all in its topic, as if it had started
+    after they were produced, with its conversations cached as in steady state.
+    """
+    events = args.drain_events
+    count = min(events, args.drain_conversations or args.conversations)
+    prefix = f"bench.{uuid.uuid4().hex[:8]}.drain"
+    tokens_topic = f"{prefix}.tokens"
+    await new_topics(bootstrap, prefix, args.partitions)
+    run = uuid.uuid4().hex[:6]
+    conversations = [f"bench-d-{run}-{number}" for number in range(count)]
+    keys = [conversation_id.encode() for conversation_id in conversations]
+    cache_bytes = kv_cache_bytes(args, count, [len(USER_TURN) + math.ceil(events / count)])
+    tally = Tally()
+    producer = new_producer(bootstrap)
+    await producer.start()
+    try:
+        publisher = BatchPublisher(producer)
+        async with VerdictReader(bootstrap, f"{prefix}.verdicts") as reader:
+            reader.route(conversations, tally)
+            for first in range(0, count, 10_000):
+                chunk = range(first, min(count, first + 10_000))
+                await publisher.publish(tokens_topic, [(keys[i], user_turn(conversations[i])) for i in chunk])
+            started = time.time()
+            with worker_process(args, bootstrap, redis_url, prefix, cache_bytes) as worker:
+                timeout = args.warmup + args.drain_timeout
+                if not await wait_until(lambda: len(tally.opened) == count, timeout, worker):
+                    raise RuntimeError(
+                        f"drain: {len(tally.opened)} of {count} user turns answered in {timeout} s"
+                    )
+                opened_seconds = time.time() - started
+                worker.send_signal(signal.SIGSTOP)
+                frozen = time.perf_counter()
+                try:
+                    for first in range(0, events, 10_000):
+                        now, records = time.time(), []
+                        for number in range(first, min(events, first + 10_000)):
+                            slot, seq = number % count, 1 + number // count
+                            tally.sent_at[(conversations[slot], seq)] = now
+                            token = assistant_token(conversations[slot], seq, 1000 + number % 5000, now)
+                            records.append((keys[slot], token))
+                        await publisher.publish(tokens_topic, records)
+                finally:
+                    worker.send_signal(signal.SIGCONT)
+                frozen_seconds, thawed = time.perf_counter() - frozen, time.time()
+                await wait_until(lambda: tally.answered >= events, args.drain_timeout, worker)
+    finally:
+        await producer.stop()
+    span = (tally.last_at - tally.first_at) if tally.first_at else 0.0
+    # The verdicts received with the first one were computed before it arrived: not in the span.
+    measured = tally.answered - tally.first_count
+    return {
+        "events": events,
+        "conversations": count,
+        "token_verdicts_received": tally.answered,
+        "unanswered": events - tally.answered,
+        "duplicate_verdicts": tally.duplicates,
+        "error_verdicts": tally.errors,
+        "seconds_first_to_last_verdict": round(span, 3),
+        "verdicts_in_first_receipt": tally.first_count,
+        "events_per_s": round(measured / span) if span > 0 else None,
+        "seconds_to_answer_user_turns": round(opened_seconds, 3),  # worker start included
+        "seconds_frozen_while_producing": round(frozen_seconds, 3),
+        "seconds_thaw_to_first_verdict": round(tally.first_at - thawed, 3) if tally.first_at else None,
+        "kv_cache_bytes": cache_bytes,
     }
 
 
-async def main_async(args) -> dict:
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def answered_text(row: dict) -> str:
+    if not row["unanswered"]:
+        return f"all {row['events_sent']:,}"
+    return f"backlog {row['unanswered']:,} of {row['events_sent']:,}"
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def rate_summary(row: dict) -> str:
+    latencies = " / ".join(number(row[f"latency_{name}_ms"]) for name in ("p50", "p95", "p99"))
+    return (
+        f"offered {number(row['offered_events_per_s'])}/s, sustained {row['sustained_events_per_s']:,}/s, "
+        f"{answered_text(row)}, p50/p95/p99 {latencies} ms"
+    )
+
+
+def print_table(args, result: dict) -> None:
+    print(
+        f"\npipeline benchmark: device={args.device} model={args.model} partitions={args.partitions} "
+        f"cpus={result['cpu_count']}"
+    )
+    raw = result["raw_ceiling"]
+    if raw:
+        print(
+            f"\nraw ceiling, {raw['events']:,} events: getmany -> json parse -> produce -> await acks -> "
+            "commit (no model, no Redis)"
+        )
+        print(f"{'variant':34} {'events/s':>10}  passes")
+        for label, name in (("producer.send per record", "send"), ("BatchPublisher", "batch_publisher")):
+            passes = ", ".join(f"{value:,}" for value in raw[f"{name}_passes"])
+            print(f"{label:34} {raw[f'{name}_events_per_s']:>10,}  {passes}")
+    if result["rates"]:
+        print(
+            f"\noffered load, one worker: {args.conversations} conversations, one token per event, "
+            f"{args.seconds:g} s per rate; latency = event ts -> verdict received (answered events)"
+        )
+        print(
+            f"{'target/s':>9} {'offered/s':>10} {'sustained/s':>12}  {'answered':<26}"
+            f"{'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
+        )
+        for row in result["rates"]:
+            cells = [number(row[f"latency_{name}_ms"]) for name in ("p50", "p95", "p99")]
+            print(
+                f"{row['target_events_per_s']:>9,.0f} {number(row['offered_events_per_s']):>10} "
+                f"{row['sustained_events_per_s']:>12,}  {answered_text(row):<26}"
+                f"{cells[0]:>9} {cells[1]:>9} {cells[2]:>9}"
+            )
+        for row in result["rates"]:
+            if row.get("left_when_next_rate_started"):
+                print(
+                    f"note: {row['left_when_next_rate_started']:,} events of rate "
+                    f"{row['target_events_per_s']:,.0f}/s were still unanswered when the next rate started"
+                )
+            if row["error_verdicts"] or row["duplicate_verdicts"]:
+                print(
+                    f"note: rate {row['target_events_per_s']:,.0f}/s: {row['error_verdicts']} error "
+                    f"verdicts, {row['duplicate_verdicts']} duplicates"
+                )
+    drained = result["drain"]
+    if drained:
+        print(
+            f"\ndrain: {drained['events']:,} token events (one token each) over {drained['conversations']:,} "
+            "conversations, all waiting in the topic when the worker (done with their user turns) resumes"
+        )
+        answered = (
+            f"all {drained['events']:,}"
+            if not drained["unanswered"]
+            else f"{drained['token_verdicts_received']:,} of {drained['events']:,}"
+        )
+        print(
+            f"verdicts/s, first to last token verdict: {number(drained['events_per_s'])} "
+            f"({answered} answered, {drained['seconds_first_to_last_verdict']:.2f} s)"
+        )
+
+
+def git_revision() -> str | None:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+async def main_async(args, rates: list[float]) -> dict:
     with contextlib.ExitStack() as stack:
         bootstrap, redis_url = args.kafka_bootstrap, args.redis_url
         if not bootstrap or not redis_url:
@@ -192,48 +654,24 @@ async def main_async(args) -> dict:
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-services-")))
             bootstrap = bootstrap or kafka_endpoint(stack, state)
             redis_url = redis_url or redis_endpoint(stack, state)
-        ceiling = await raw_ceiling(bootstrap, args.raw_events, args.partitions)
-        prefix = f"bench.{uuid.uuid4().hex[:8]}"
-        tokens_topic, verdicts_topic = f"{prefix}.tokens", f"{prefix}.verdicts"
-        await create_topics(bootstrap, [tokens_topic, verdicts_topic, f"{prefix}.dlq"], args.partitions)
-        environment = os.environ | {
-            "GUARDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-            "GUARDSTREAM_REDIS_URL": redis_url,
-            "GUARDSTREAM_MODEL": args.model,
-            "GUARDSTREAM_DEVICE": args.device,
-            "GUARDSTREAM_TEMPLATE": "raw",
-            "GUARDSTREAM_TOKENS_TOPIC": tokens_topic,
-            "GUARDSTREAM_VERDICTS_TOPIC": verdicts_topic,
-            "GUARDSTREAM_DLQ_TOPIC": f"{prefix}.dlq",
-            "GUARDSTREAM_GROUP_ID": f"{prefix}.workers",
-            "GUARDSTREAM_REDIS_KEY_PREFIX": f"{prefix}:",
-            "GUARDSTREAM_HTTP_PORT": "0",
-        }
-        if args.dtype:
-            environment["GUARDSTREAM_DTYPE"] = args.dtype
-        kv_cache_bytes = args.kv_cache_bytes or (256 * 1024 * 1024 if args.device == "cpu" else None)
-        if kv_cache_bytes:
-            environment["GUARDSTREAM_KV_CACHE_BYTES"] = str(kv_cache_bytes)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "processor.cli", "worker", "--log-level", "WARNING"],
-            cwd=ROOT,
-            env=environment,
-        )
-        try:
-            await asyncio.sleep(args.warmup)
-            if worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with {worker.returncode} before the load started")
-            load = await offered_load(args, bootstrap, tokens_topic, verdicts_topic)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=60)
-    return {
-        "raw_consume_produce_events_per_s": round(ceiling),
-        **load,
-        "conversations": args.conversations,
-        "device": args.device,
-        "model": args.model,
-    }
+        raw = None
+        if args.raw_events:
+            print(f"raw ceiling: {args.raw_events:,} events ...", flush=True)
+            raw = await raw_ceiling(bootstrap, args.raw_events, args.partitions, args.raw_repeats)
+            print(
+                f"  send per record {raw['send_events_per_s']:,}/s, "
+                f"BatchPublisher {raw['batch_publisher_events_per_s']:,}/s",
+                flush=True,
+            )
+        loads = []
+        if rates:
+            print(f"offered load: rates {', '.join(f'{rate:,.0f}' for rate in rates)} ...", flush=True)
+            loads = await offered_load(args, bootstrap, redis_url, rates)
+        drained = None
+        if args.drain_events:
+            print(f"drain: {args.drain_events:,} events ...", flush=True)
+            drained = await drain(args, bootstrap, redis_url)
+    return {"raw_ceiling": raw, "rates": loads, "drain": drained}
 
 
 def main() -> int:
@@ -245,14 +683,67 @@ def main() -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--kafka-bootstrap")
     parser.add_argument("--redis-url")
-    parser.add_argument("--conversations", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=10_000, help="offered token events per second")
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--conversations", type=int, default=200, help="conversations per offered rate")
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help=f"offered token events/s, comma separated (default {DEFAULT_RATES}; '' skips)",
+    )
+    parser.add_argument("--rate", type=float, default=None, help="one offered rate (same as --rates RATE)")
+    parser.add_argument("--seconds", type=float, default=15, help="seconds of offered load per rate")
+    parser.add_argument("--tick-ms", type=float, default=2, help="the generator sends what is due this often")
+    parser.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=60,
+        help="seconds after a rate's last event to wait for its verdicts (and again for a backlog to clear)",
+    )
+    parser.add_argument("--pause", type=float, default=1, help="seconds between rates once answered")
     parser.add_argument("--partitions", type=int, default=12)
-    parser.add_argument("--raw-events", type=int, default=100_000)
-    parser.add_argument("--warmup", type=float, default=15, help="seconds for the worker to load and join")
+    parser.add_argument("--raw-events", type=int, default=100_000, help="0 skips the raw ceiling")
+    parser.add_argument("--raw-repeats", type=int, default=2, help="raw passes per variant, alternating")
+    parser.add_argument("--drain-events", type=int, default=40_000, help="0 skips the drain")
+    parser.add_argument(
+        "--drain-conversations",
+        type=int,
+        default=0,
+        help="conversations the drain's events go round (default: --conversations)",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, default=180, help="seconds for the drain, after --warmup"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=60,
+        help="seconds a fresh worker gets to load, join and answer its first user turns",
+    )
     parser.add_argument("--kv-cache-bytes", type=int, default=None)
-    print(json.dumps(asyncio.run(main_async(parser.parse_args())), indent=2))
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/pipeline-<device>.json")
+    args = parser.parse_args()
+    if args.rate is not None and args.rates is not None:
+        parser.error("give --rate or --rates, not both")
+    text = str(args.rate) if args.rate is not None else (DEFAULT_RATES if args.rates is None else args.rates)
+    rates = [float(value) for value in text.split(",") if value.strip() and float(value) > 0]
+
+    out = args.out or ROOT / "bench" / "results" / f"pipeline-{args.device.split(':')[0]}.json"
+    started = datetime.datetime.now(datetime.UTC)
+    measured = asyncio.run(main_async(args, rates))
+    result = {
+        "timestamp": started.isoformat(timespec="seconds"),
+        "seconds": round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1),
+        "args": vars(args) | {"out": str(out), "redis_url": args.redis_url and redact_url(args.redis_url)},
+        "target_rates": rates,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "git": git_revision(),
+    }
+    result |= measured
+    print_table(args, result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

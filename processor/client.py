@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from processor.worker.events import Role, TokenEvent, VerdictEvent
+from processor.worker.events import Role, TokenEvent, VerdictEvent, parse_verdict
 
 DEFAULT_TOKENS_TOPIC = "guard.tokens"
 DEFAULT_VERDICTS_TOPIC = "guard.verdicts"
@@ -147,6 +147,6 @@ async def read_verdicts(
         async for record in consumer:
             if wanted is not None and record.key not in wanted:
                 continue
-            yield VerdictEvent.model_validate_json(record.value)
+            yield parse_verdict(record.value)
     finally:
         await consumer.stop()

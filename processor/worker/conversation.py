@@ -18,7 +18,7 @@ from processor.worker.template import FedTokens, TurnState, TurnWriter
 from processor.worker.verdicts import EventTiming, VerdictConfig, build_verdicts, error_verdict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Incoming:
     """A decoded token event and where it came from (the Kafka record, opaque here)."""
 
@@ -27,7 +27,7 @@ class Incoming:
     source: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedEvent:
     incoming: Incoming
     fed: FedTokens
@@ -36,7 +36,7 @@ class PlannedEvent:
     closing_error: str | None = None  # nothing fed; the conversation is closed
 
 
-@dataclass
+@dataclass(slots=True)
 class ConversationStep:
     session: Session
     planned: list[PlannedEvent] = field(default_factory=list)
@@ -56,7 +56,7 @@ class ConversationStep:
         return bool(self.planned)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConversationOutcome:
     before: Session  # as the step found it in Redis
     session: Session  # as the step leaves it

@@ -47,7 +47,7 @@ class HistoryMissing(RuntimeError):
     """Redis no longer holds the tokens a conversation's rebuild needs (expired, or Redis lost data)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Session:
     conversation_id: str
     stored: bool = False  # whether Redis had it at the start of the step
@@ -64,7 +64,7 @@ class Session:
         return self.status != "active"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionUpdate:
     """One conversation's write for a step: the session as it ends the step, and the tokens it fed."""
 

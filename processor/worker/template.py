@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 TemplateMode = Literal["chat", "raw"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TurnState:
     """The template's part of a session (persisted in Redis with it)."""
 
@@ -39,7 +39,7 @@ class TurnState:
     text_tail: str = ""  # text of the open turn not yet committed to ids (see text.py)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClosedTurn:
     turn: int
     role: Role
@@ -49,7 +49,7 @@ class ClosedTurn:
     prompt_index: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class FedTokens:
     """Token ids to feed for one event, with per token its role, turn and whether it is content."""
 

@@ -29,7 +29,7 @@ class VerdictConfig:
     model_name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flag:
     """A summary level under the policy, with the class and probability it came from."""
 
@@ -46,7 +46,7 @@ class Flag:
 NO_FLAG = Flag()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VerdictState:
     """The verdict side of a session (persisted in Redis): debounce and summaries so far."""
 
@@ -77,7 +77,7 @@ class VerdictState:
         return state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EventTiming:
     sent_at: float | None  # event ts, else the Kafka record's timestamp
     now: float

@@ -1,27 +1,38 @@
 """The Kafka loop: token events in, verdict events out, sessions in Redis.
 
-One step, top to bottom (`Worker.step`):
+A step is prepared, then finished in the background while the next step is prepared:
 
-    records -> decode (bad ones to the DLQ) -> per conversation: order by seq, drop what was applied,
-    template and tokenize -> engine (all conversations at once, so they share one batched forward)
-    -> verdicts -> publish verdicts and dead letters (acks from all replicas) -> one Redis transaction
-    for every session of the step -> commit the offsets
+    prepare: records -> decode (bad ones to the DLQ) -> per conversation: order by seq, drop what was
+             applied, template and tokenize -> engine (all conversations at once, one batched forward)
+             -> verdicts
+    finish:  publish verdicts and dead letters (acks from all replicas) -> one Redis transaction for
+             every session of the step -> commit the offsets
+
+Why two stages: the finish is mostly waiting (broker acks, Redis, the commit), and the next step's
+model run does not need it. Finishes run strictly in step order (`StepChain`): a step's Redis writes
+are conditional on the previous step's, and its commit must not pass an earlier step's. The sessions a
+step leaves are kept in memory (`SessionCache`), so the next step reads Redis only for conversations
+it has not seen; the engine's history reads wait for the finishes in flight (`SettledHistory`).
 
 Delivery: offsets are committed only after the step's verdicts are acknowledged and its sessions are
 in Redis, so a crash anywhere re-delivers the step (at least once). A redelivered event finds its seq
 below the session's next_seq and is not applied twice; its verdicts may be published twice and are
-identified by (conversation_id, seq, kind).
+identified by (conversation_id, seq, kind). A failed finish voids the steps after it: the worker drops
+its in-memory sessions and goes back to the committed offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,10 +56,12 @@ from processor.worker.conversation import (
     refused,
 )
 from processor.worker.dlq import DeadLetter, dead_letter
-from processor.worker.events import BadTokenEvent, EventLimits, VerdictEvent, decode_token_event
+from processor.worker.events import BadTokenEvent, EventLimits, VerdictEvent, decode_token_event, verdict_json
 from processor.worker.http import HealthServer
 from processor.worker.metrics import WorkerMetrics
-from processor.worker.session_store import HistoryMissing, SessionStore, SessionUpdate
+from processor.worker.pipeline import SessionCache, SettledHistory, StepChain
+from processor.worker.publisher import BatchPublisher
+from processor.worker.session_store import HistoryMissing, Session, SessionStore, SessionUpdate
 from processor.worker.settings import WorkerSettings
 from processor.worker.template import TurnWriter
 from processor.worker.text import IncrementalTokenizer
@@ -57,6 +70,12 @@ from processor.worker.verdicts import VerdictConfig
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# A step's verdicts for one partition usually fit one produce batch (aiokafka's default is 16 KiB);
+# the broker's default limit on a batch is 1 MiB.
+PRODUCER_BATCH_BYTES = 512 * 1024
+# Allocations between young collections (CPython's default is 700): a step allocates tens of thousands
+# of short-lived objects, and collecting that often cost a fifth of the loop's time.
+GC_YOUNG_THRESHOLD = 50_000
 IDLE_SWEEP_SECONDS = 30.0
 
 
@@ -89,6 +108,19 @@ class OpenConversations:
         return [conversation for conversation, seen in self._last_seen.items() if seen < cutoff]
 
 
+@dataclass
+class PreparedStep:
+    """A step whose model has run, waiting to publish, save and commit."""
+
+    offsets: dict[TopicPartition, int]  # to commit
+    batch: dict[TopicPartition, list[ConsumerRecord]]
+    steps: list[ConversationStep]
+    outcomes: list[ConversationOutcome]
+    cached: list[Session]  # outcomes' sessions as the SessionCache holds them
+    dead_letters: list[DeadLetter]
+    started: float  # perf_counter at the start of prepare
+
+
 class Worker:
     def __init__(
         self,
@@ -99,13 +131,18 @@ class Worker:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
         metrics: WorkerMetrics,
+        chain: StepChain | None = None,
     ) -> None:
         self.settings = settings
         self.front = front
         self.store = store
         self.consumer = consumer
-        self.producer = producer
+        self.publisher = BatchPublisher(producer)
         self.metrics = metrics
+        self.chain = chain or StepChain()  # the engine's history must settle on this same chain
+        self.history = SettledHistory(store, self.chain)
+        self.sessions = SessionCache()
+        self._failure: BaseException | None = None  # a finish that failed under the rebalance listener
         tokenizer = model.tokenizer
         self.limits: EventLimits = settings.event_limits(
             model.config.vocab_size, text_allowed=tokenizer is not None
@@ -129,26 +166,51 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
-        while not stop.is_set():
-            batch = await self.consumer.getmany(
-                timeout_ms=self.settings.poll_timeout_ms or 100, max_records=self.settings.poll_max_records
-            )
-            self.ready = True
-            # On a timer, not only when idle: steady traffic must not keep expired sessions counted.
-            if time.monotonic() >= next_expiry:
-                await self._expire_idle()
-                next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
-            if not batch:
-                continue
-            async with self.step_lock:
-                try:
-                    await self.step(batch, stop)
-                except Exception:
-                    # Nothing of the step was committed: go back to the committed offsets and redo it.
-                    log.exception("step failed; rewinding to the committed offsets")
-                    self.metrics.step_failures.inc()
-                    await asyncio.sleep(RETRY_BACKOFF_SECONDS[-1])
-                    await self._rewind()
+        try:
+            while not stop.is_set():
+                batch = await self.consumer.getmany(
+                    timeout_ms=self.settings.poll_timeout_ms or 100,
+                    max_records=self.settings.poll_max_records,
+                )
+                self.ready = True
+                # On a timer, not only when idle: steady traffic must not keep expired sessions counted.
+                if time.monotonic() >= next_expiry:
+                    await self._expire_idle()
+                    next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
+                async with self.step_lock:
+                    if not await self._settle(keep=self.chain.depth - 1):
+                        continue  # a finish failed: the batch is dropped, its records come again
+                    if not batch:
+                        continue
+                    try:
+                        prepared = await self.prepare(batch, stop)
+                    except Exception:
+                        log.exception("step failed; rewinding to the committed offsets")
+                        await self._recover()
+                        continue
+                    if prepared is not None:
+                        self.chain.start(functools.partial(self.finish, prepared, stop=stop))
+        finally:
+            await self.chain.wait()  # stopping: what was prepared is published, saved and committed
+
+    async def _settle(self, keep: int) -> bool:
+        """Let at most `keep` finishes stay in flight; on a failure, recover and say False."""
+        failure = await self.chain.wait(keep) or self._failure
+        self._failure = None
+        if failure is None:
+            return True
+        log.error("step failed; rewinding to the committed offsets", exc_info=failure)
+        await self._recover()
+        return False
+
+    async def _recover(self) -> None:
+        """Nothing of the failed steps was committed: forget what memory holds ahead of Redis (the
+        engine truncates to what Redis says on the next submission) and redo from the commits."""
+        self.metrics.step_failures.inc()
+        await self.chain.wait()
+        self.sessions.clear()
+        await asyncio.sleep(RETRY_BACKOFF_SECONDS[-1])
+        await self._rewind()
 
     async def _rewind(self) -> None:
         """Back to the committed offsets; while Kafka itself is away, keep trying rather than exit."""
@@ -161,42 +223,62 @@ class Worker:
                 await asyncio.sleep(delay)
         raise RuntimeError("could not rewind to the committed offsets for 5 minutes; giving up")
 
-    async def step(self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> None:
+    async def prepare(
+        self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event
+    ) -> PreparedStep | None:
+        """Decode, plan and moderate a batch: everything of a step but what leaves the process."""
         started = time.perf_counter()
         # A rebalance may have taken partitions since getmany returned: their new owner handles them.
         assigned = self.consumer.assignment()
         batch = {partition: records for partition, records in batch.items() if partition in assigned}
-        records = [record for partition_records in batch.values() for record in partition_records]
-        if not records:
-            return
+        if not any(batch.values()):
+            return None
 
-        incoming, dead_letters = self.decode(records)
-        sessions = await self.with_retry(
-            lambda: self.store.load_sessions(list(incoming)), stop, "load sessions"
-        )
+        incoming, dead_letters = self.decode([record for records in batch.values() for record in records])
+        sessions = await self.sessions_for(list(incoming), stop)
         steps = [
             plan_conversation(sessions[conversation_id], items, self.writer, self.max_positions)
             for conversation_id, items in incoming.items()
         ]
         dead_letters += self.rejected(steps)
         outcomes = await asyncio.gather(*(self.moderate(step) for step in steps if step.changed))
-        verdicts = [verdict for outcome in outcomes for verdict in outcome.verdicts]
+        self.track(incoming, outcomes)
+        return PreparedStep(
+            offsets={partition: records[-1].offset + 1 for partition, records in batch.items()},
+            batch=batch,
+            steps=steps,
+            outcomes=outcomes,
+            cached=[self.sessions.put(outcome.session) for outcome in outcomes],
+            dead_letters=dead_letters,
+            started=started,
+        )
 
-        await self.publish(verdicts, dead_letters)
+    async def finish(self, step: PreparedStep, previous: asyncio.Task | None, stop: asyncio.Event) -> None:
+        """Publish, save, commit: in that order, and after the previous step's save and commit."""
+        verdicts = [verdict for outcome in step.outcomes for verdict in outcome.verdicts]
+        await self.publish(verdicts, step.dead_letters)
+        if previous is not None:
+            await previous  # raises when it failed: this step is void too
         updates = [
-            SessionUpdate(outcome.before, outcome.session, outcome.fed_token_ids) for outcome in outcomes
+            SessionUpdate(outcome.before, outcome.session, outcome.fed_token_ids) for outcome in step.outcomes
         ]
         conflicts = await self.with_retry(lambda: self.store.save(updates), stop, "save sessions")
-        await self.forget(
-            [outcome.session.conversation_id for outcome in outcomes if outcome.closed] + conflicts, conflicts
-        )
+        closed = [session for session in step.cached if session.closed]
+        await self.forget([session.conversation_id for session in closed] + conflicts, conflicts)
+        self.sessions.drop(conflicts)
+        self.sessions.drop_if_unchanged(closed)  # written now; a later step may have moved them on
         # Verdicts acknowledged and sessions durable: only now may these records count as done.
-        await self.consumer.commit(
-            {partition: records[-1].offset + 1 for partition, records in batch.items()}
-        )
+        await self.consumer.commit(step.offsets)
+        self.observe(step, verdicts, time.perf_counter() - step.started)
 
-        self.track(incoming, outcomes)
-        self.observe(batch, steps, outcomes, verdicts, dead_letters, time.perf_counter() - started)
+    async def sessions_for(self, conversation_ids: list[str], stop: asyncio.Event) -> dict[str, Session]:
+        """Sessions from memory where a recent step left them, the rest from Redis in one round trip."""
+        found = {conversation_id: self.sessions.get(conversation_id) for conversation_id in conversation_ids}
+        missing = [conversation_id for conversation_id, session in found.items() if session is None]
+        if missing:
+            loaded = await self.with_retry(lambda: self.store.load_sessions(missing), stop, "load sessions")
+            found.update(loaded)
+        return found  # type: ignore[return-value]
 
     # -- the step's parts, in order -------------------------------------------------------------
 
@@ -244,7 +326,7 @@ class Worker:
     async def history_lost(self, step: ConversationStep) -> bool:
         """The engine cannot tell a history gone from Redis from a Redis that did not answer: ask again."""
         try:
-            await self.store.load(step.conversation_id, step.session.length)
+            await self.history.load(step.conversation_id, step.session.length)
         except HistoryMissing:
             return True
         except Exception:
@@ -253,22 +335,16 @@ class Worker:
 
     async def publish(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> None:
         """Send everything, then wait for every acknowledgement (acks=all, idempotent producer)."""
-        sends = [
-            await self.producer.send(
-                self.settings.verdicts_topic,
-                verdict.model_dump_json().encode(),
-                key=verdict.conversation_id.encode(),
-            )
-            for verdict in verdicts
-        ]
-        sends += [
-            await self.producer.send(
-                self.settings.dlq_topic,
-                letter.model_dump_json().encode(),
-                key=(letter.key or "").encode() or None,
-            )
-            for letter in dead_letters
-        ]
+        sends = []
+        if verdicts:
+            records = [(verdict.conversation_id.encode(), verdict_json(verdict)) for verdict in verdicts]
+            sends += await self.publisher.send(self.settings.verdicts_topic, records)
+        if dead_letters:
+            letters = [
+                ((letter.key or "").encode() or None, letter.model_dump_json().encode())
+                for letter in dead_letters
+            ]
+            sends += await self.publisher.send(self.settings.dlq_topic, letters)
         await asyncio.gather(*sends)
 
     async def forget(self, conversation_ids: list[str], conflicts: list[str]) -> None:
@@ -291,8 +367,8 @@ class Worker:
                 record = incoming[conversation_id][0].source
                 self.open.touch(conversation_id, TopicPartition(record.topic, record.partition), now)
 
-    def observe(self, batch, steps, outcomes, verdicts, dead_letters, seconds: float) -> None:
-        metrics = self.metrics
+    def observe(self, step: PreparedStep, verdicts: list[VerdictEvent], seconds: float) -> None:
+        metrics, batch, steps, dead_letters = self.metrics, step.batch, step.steps, step.dead_letters
         event_count = sum(len(records) for records in batch.values())
         metrics.step_events.observe(event_count)
         metrics.step_tokens.observe(sum(len(step.token_ids) for step in steps))
@@ -347,18 +423,26 @@ class Worker:
             return result
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self.step_lock:  # the step in flight publishes, saves and commits first
-            for conversation_id in self.open.in_partitions(revoked):
+        async with self.step_lock:  # the steps in flight publish, save and commit first
+            failure = await self.chain.wait()
+            if failure is not None:  # the main loop rewinds; memory is ahead of Redis everywhere
+                self._failure = failure
+                self.sessions.clear()
+            leaving = self.open.in_partitions(revoked)
+            for conversation_id in leaving:
                 await self.front.release(conversation_id)
                 self.open.remove(conversation_id)
+            self.sessions.drop(leaving)  # the new owner may move them on
         log.info("partitions revoked: %s", sorted(partition.partition for partition in revoked))
 
     async def _expire_idle(self) -> None:
         """Idle conversations past the session TTL stop counting against max_conversations."""
         cutoff = time.monotonic() - self.settings.session_ttl
-        for conversation_id in self.open.idle_since(cutoff):
+        idle = self.open.idle_since(cutoff)
+        for conversation_id in idle:
             await self.front.release(conversation_id)
             self.open.remove(conversation_id)
+        self.sessions.drop(idle)
 
 
 class _RebalanceListener(ConsumerRebalanceListener):
@@ -424,7 +508,9 @@ async def serve(
     store = SessionStore(
         redis, settings.redis_key_prefix, settings.session_ttl, settings.ended_session_ttl, settings.worker_id
     )
-    front = AsyncGuardEngine(GuardEngine(model, engine_config(settings)), history=store)
+    chain = StepChain()
+    engine = GuardEngine(model, engine_config(settings))
+    front = AsyncGuardEngine(engine, history=SettledHistory(store, chain))
     await ensure_topics(settings)
     consumer = AIOKafkaConsumer(
         **settings.kafka_options(),
@@ -433,8 +519,19 @@ async def serve(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
     )
-    producer = AIOKafkaProducer(**settings.kafka_options(), acks="all", enable_idempotence=True, linger_ms=1)
-    worker = Worker(settings, model, front, store, consumer, producer, metrics)
+    producer = AIOKafkaProducer(
+        **settings.kafka_options(),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=1,
+        max_batch_size=PRODUCER_BATCH_BYTES,
+    )
+    worker = Worker(settings, model, front, store, consumer, producer, metrics, chain)
+    # The model, tokenizer and libraries leave millions of long-lived objects; without this, every
+    # full garbage collection walks them all, and the hot loop allocates enough to run many.
+    gc.freeze()
+    default_thresholds = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *default_thresholds[1:])
     http = HealthServer(metrics.registry, lambda: worker.ready)
     try:
         if settings.http_port:
@@ -451,3 +548,5 @@ async def serve(
         await front.close()
         await redis.aclose()
         await http.stop()
+        gc.unfreeze()  # let interpreter shutdown collect them (extensions check for leaks)
+        gc.set_threshold(*default_thresholds)

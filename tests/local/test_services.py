@@ -52,8 +52,13 @@ async def test_keyed_messages_reach_a_consumer_group(
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=f"{topic_prefix}.group",
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=f"{topic_prefix}.group",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     received: list[tuple[str, int, int]] = []  # (key, value, partition)
     try:
@@ -96,8 +101,14 @@ async def test_redis_reads_back_what_it_stored(redis_url: str, redis_prefix: str
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "guardstream"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "processor.cli"]
-    return subprocess.run([*command, "local", *args], capture_output=True, text=True, timeout=300,
-                          check=False, env=os.environ.copy())
+    return subprocess.run(
+        [*command, "local", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=os.environ.copy(),
+    )
 
 
 def _gone(pid: int, timeout: float = 15.0) -> bool:
@@ -114,8 +125,10 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
-@pytest.mark.skipif(not shutil.which("redis-server") or not shutil.which("java"),
-                    reason="guardstream local needs redis-server and java on PATH")
+@pytest.mark.skipif(
+    not shutil.which("redis-server") or not shutil.which("java"),
+    reason="guardstream local needs redis-server and java on PATH",
+)
 def test_cli_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = _cli("up", "--state-dir", str(state))
@@ -149,8 +162,10 @@ def test_cli_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert "Fetching" not in restart.stderr
         assert libs_marker.stat().st_mtime_ns == fetched_at
     finally:
-        restart_pids = [entry["process"]["pid"]
-                        for entry in json.loads((state / "services.json").read_text()).values()
-                        if "process" in entry]
+        restart_pids = [
+            entry["process"]["pid"]
+            for entry in json.loads((state / "services.json").read_text()).values()
+            if "process" in entry
+        ]
         assert _cli("down", "--state-dir", str(state)).returncode == 0
     assert all(_gone(pid) for pid in restart_pids), restart_pids

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from processor.model import GuardModel
 from processor.score import score_ids
-from processor.worker.events import VerdictEvent
+from processor.worker.events import VerdictEvent, parse_verdict
 from processor.worker.settings import WorkerSettings
 from processor.worker.worker import ensure_topics, serve
 
@@ -58,7 +58,7 @@ class Collected:
     records: list[tuple[bytes | None, bytes]] = field(default_factory=list)
 
     def verdicts(self) -> list[VerdictEvent]:
-        return [VerdictEvent.model_validate_json(value) for _, value in self.records]
+        return [parse_verdict(value) for _, value in self.records]
 
     def json(self) -> list[dict]:
         return [json.loads(value) for _, value in self.records]

@@ -1,0 +1,50 @@
+"""Publishing many records at once: one aiokafka batch per partition instead of one `send` per record.
+
+Why not `AIOKafkaProducer.send`: it costs about 50 us of Python per record (partitioner, metadata
+lookups, a future per record), which alone capped a consume -> produce loop near 20,000 records/s on a
+2-core machine; appending to a `BatchBuilder` costs a few us (`python bench/pipeline.py` measures both).
+Partitions are chosen exactly as `send` would (aiokafka's DefaultPartitioner: murmur2 of the key, the
+Java client's hash), so a conversation's records land in the same partition whichever way they went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+Record = tuple[bytes | None, bytes]  # key, value
+
+
+class BatchPublisher:
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._partitioner = DefaultPartitioner()
+
+    async def send(self, topic: str, records: Iterable[Record]) -> list[asyncio.Future]:
+        """Queue `records` (in order per partition); returns the futures of their batches."""
+        producer = self._producer
+        all_partitions = sorted(await producer.partitions_for(topic))
+        available = sorted(producer.client.cluster.available_partitions_for_topic(topic)) or all_partitions
+        partition_of = self._partitioner
+        builders: dict[int, object] = {}
+        sent: list[asyncio.Future] = []
+        for key, value in records:
+            partition = partition_of(key, all_partitions, available)
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None) is None:  # full: ship it, start anew
+                sent.append(await producer.send_batch(builder, topic, partition=partition))
+                builder = builders[partition] = producer.create_batch()
+                # An empty batch always takes one record, however large (the broker has the last word).
+                builder.append(key=key, value=value, timestamp=None)
+        for partition, builder in builders.items():
+            sent.append(await producer.send_batch(builder, topic, partition=partition))
+        return sent
+
+    async def publish(self, topic: str, records: Iterable[Record]) -> None:
+        """Send `records` and wait until every one is acknowledged."""
+        await asyncio.gather(*await self.send(topic, records))
