@@ -47,6 +47,7 @@ class EngineStats:
     last_step_tokens: int = 0
     last_step_conversations: int = 0
     last_step_seconds: float = 0.0
+    last_step_cpu_seconds: float = 0.0  # of the thread that ran it: wall time less waiting for the GIL
     step_seconds_total: float = 0.0
 
 
@@ -91,6 +92,15 @@ class GuardEngine:
 
     def has_pending(self) -> bool:
         return bool(self._finished) or any(c.pending for c in self._conversations.values())
+
+    def predicted_step_seconds(self) -> float | None:
+        """CPU seconds the next step should take, scaled from the last step by tokens; None before any."""
+        stats = self._stats
+        if stats.last_step_tokens == 0:
+            return None
+        queued = sum(request.remaining for c in self._conversations.values() for request in c.pending)
+        tokens = min(queued, self.config.max_batch_tokens)
+        return stats.last_step_cpu_seconds * tokens / stats.last_step_tokens
 
     def submit(
         self, conversation_id: str, token_ids: list[int], rebuild_prefix: list[int] | None = None
@@ -145,7 +155,7 @@ class GuardEngine:
 
     def step(self) -> list[ChunkResult]:
         """Run one batch; return the requests completed by it (and any that finished early)."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         self._stats.steps += 1
         schedule = self.scheduler.schedule(self._conversations, self._stats.steps)
         for request in schedule.too_large:
@@ -169,7 +179,7 @@ class GuardEngine:
                 if request.remaining == 0:
                     conversation.pending.popleft()
                     self._finished.append(self._result(request, ChunkStatus.OK))
-        self._record_step(schedule.chunks, time.perf_counter() - started)
+        self._record_step(schedule.chunks, time.perf_counter() - started, time.thread_time() - cpu_started)
         finished, self._finished = self._finished, []
         return finished
 
@@ -224,11 +234,13 @@ class GuardEngine:
             probabilities=probabilities,
         )
 
-    def _record_step(self, chunks: list[ScheduledChunk], seconds: float) -> None:
+    def _record_step(self, chunks: list[ScheduledChunk], seconds: float, cpu_seconds: float) -> None:
         tokens = sum(chunk.length for chunk in chunks)
         stats = self._stats
         stats.tokens_run += tokens
-        stats.last_step_tokens = tokens
+        if tokens:  # a step that only finished requests early says nothing about the model's speed
+            stats.last_step_tokens = tokens
+            stats.last_step_cpu_seconds = cpu_seconds
         stats.last_step_conversations = len(chunks)
         stats.last_step_seconds = seconds
         stats.step_seconds_total += seconds

@@ -19,7 +19,7 @@ import json
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from redis.asyncio import Redis
@@ -29,17 +29,31 @@ from processor.worker.verdicts import NO_FLAG, Flag, VerdictState
 
 SessionStatus = Literal["active", "ended", "error"]
 
-# KEYS: session hash, history. ARGV: expected next_seq ("" = no session yet), ttl seconds, history bytes
-# to append, then field/value pairs. Returns 1 when applied, else the next_seq already stored.
-_WRITE_SESSION = """
-local stored = redis.call('HGET', KEYS[1], 'next_seq')
-if (stored or '') ~= ARGV[1] then return stored or '' end
-if ARGV[1] == '' then redis.call('DEL', KEYS[2]) end
-if #ARGV[3] > 0 then redis.call('APPEND', KEYS[2], ARGV[3]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-return 1
+# One call writes every session of a step, atomically (as MULTI/EXEC would). The fields travel as one
+# JSON document rather than as separate arguments: redis-py packs every argument in Python, which cost
+# more than everything else of a step's save. KEYS: per conversation its session hash and history.
+# ARGV[1]: JSON list, per conversation [expected next_seq ("" = no session yet), ttl seconds, [field,
+# value, ...]], all strings; ARGV[1 + i]: the history bytes conversation i appends. Returns per
+# conversation 1 when applied, else the next_seq already stored.
+_WRITE_SESSIONS = """
+local updates = cjson.decode(ARGV[1])
+local results = {}
+for i, update in ipairs(updates) do
+  local session, history = KEYS[2 * i - 1], KEYS[2 * i]
+  local expected, ttl, fields, tokens = update[1], update[2], update[3], ARGV[1 + i]
+  local stored = redis.call('HGET', session, 'next_seq')
+  if (stored or '') ~= expected then
+    results[i] = stored or ''
+  else
+    if expected == '' then redis.call('DEL', history) end
+    if #tokens > 0 then redis.call('APPEND', history, tokens) end
+    redis.call('HSET', session, unpack(fields))
+    redis.call('EXPIRE', session, ttl)
+    if redis.call('EXISTS', history) == 1 then redis.call('EXPIRE', history, ttl) end
+    results[i] = 1
+  end
+end
+return results
 """
 
 
@@ -82,7 +96,7 @@ class SessionStore:
         self._session_ttl = session_ttl
         self._ended_session_ttl = ended_session_ttl
         self._owner = owner
-        self._write = redis.register_script(_WRITE_SESSION)
+        self._write = redis.register_script(_WRITE_SESSIONS)
 
     def session_key(self, conversation_id: str) -> str:
         return f"{self._prefix}session:{conversation_id}"
@@ -103,22 +117,23 @@ class SessionStore:
         }
 
     async def save(self, updates: Sequence[SessionUpdate]) -> list[str]:
-        """Write a step's sessions in one MULTI/EXEC; returns the conversations whose stored session had
+        """Write a step's sessions in one atomic call; returns the conversations whose stored session had
         moved on (written by another worker), which the caller must not trust its GPU state for."""
         if not updates:
             return []
-        now = time.time()
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for update in updates:
-                after = replace(update.after, owner=self._owner, updated=now)
-                ttl = self._ended_session_ttl if after.closed else self._session_ttl
-                expected = str(update.before.next_seq) if update.before.stored else ""
-                await self._write(
-                    keys=[self.session_key(after.conversation_id), self.history_key(after.conversation_id)],
-                    args=[expected, ttl, pack_token_ids(update.fed_token_ids), *_hash_args(after)],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        now = repr(time.time())
+        keys: list[str] = []
+        writes: list[list[str | list[str]]] = []
+        histories: list[bytes] = []
+        for update in updates:
+            after = update.after
+            keys += [self.session_key(after.conversation_id), self.history_key(after.conversation_id)]
+            ttl = self._ended_session_ttl if after.closed else self._session_ttl
+            expected = str(update.before.next_seq) if update.before.stored else ""
+            writes.append([expected, str(ttl), _hash_fields(after, self._owner, now)])
+            histories.append(pack_token_ids(update.fed_token_ids))
+        args = [json.dumps(writes), *histories]
+        replies = await self._write(keys=keys, args=args)
         conflicts = []
         for update, reply in zip(updates, replies, strict=True):
             if reply == 1:
@@ -155,24 +170,25 @@ def _as_str(value: bytes | str | int | None) -> str:
     return "" if value is None else str(value)
 
 
-def _hash_args(session: Session) -> list[str | int | float]:
+def _hash_fields(session: Session, owner: str, updated: str) -> list[str]:
+    """field, value, ... as strings (floats as repr, so that they read back exactly)."""
     flag = session.verdicts.conversation_flag
-    fields: dict[str, str | int | float] = {
-        "turn": session.turns.turn,
-        "role": session.turns.open_role or "",
-        "text_tail": session.turns.text_tail,
-        "next_seq": session.next_seq,
-        "length": session.length,
-        "status": session.status,
-        "worst_level": flag.level,
-        "worst_category": flag.category or "",
-        "worst_prob": "" if flag.prob is None else flag.prob,
-        "alert_position": "" if session.verdicts.alert_position is None else session.verdicts.alert_position,
-        "owner": session.owner,
-        "updated": session.updated,
-        "verdict_state": json.dumps(_debounce_fields(session.verdicts)),
-    }
-    return [item for pair in fields.items() for item in pair]
+    alert_position = session.verdicts.alert_position
+    return [
+        "turn", str(session.turns.turn),
+        "role", session.turns.open_role or "",
+        "text_tail", session.turns.text_tail,
+        "next_seq", str(session.next_seq),
+        "length", str(session.length),
+        "status", session.status,
+        "worst_level", flag.level,
+        "worst_category", flag.category or "",
+        "worst_prob", "" if flag.prob is None else repr(flag.prob),
+        "alert_position", "" if alert_position is None else str(alert_position),
+        "owner", owner,
+        "updated", updated,
+        "verdict_state", json.dumps(_debounce_fields(session.verdicts)),
+    ]  # fmt: skip
 
 
 def _debounce_fields(state: VerdictState) -> dict[str, object]:
@@ -181,8 +197,17 @@ def _debounce_fields(state: VerdictState) -> dict[str, object]:
         "previous_flagged": state.previous_flagged,
         "turn_level": state.turn_level,
         "turn_alert_position": state.turn_alert_position,
-        "turn_flag": asdict(state.turn_flag),
-        "conversation_flag": asdict(state.conversation_flag),
+        "turn_flag": _flag_fields(state.turn_flag),
+        "conversation_flag": _flag_fields(state.conversation_flag),
+    }
+
+
+def _flag_fields(flag: Flag) -> dict[str, object]:
+    return {
+        "level": flag.level,
+        "prob": flag.prob,
+        "category": flag.category,
+        "category_prob": flag.category_prob,
     }
 
 

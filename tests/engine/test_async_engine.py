@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine, HistoryUnavailableError
+from processor.engine import (
+    AsyncGuardEngine,
+    EngineConfig,
+    GuardEngine,
+    HistoryUnavailableError,
+    async_engine,
+)
 from processor.engine.kv_cache import bytes_per_token
 from processor.model import load_guard_model
 
@@ -72,3 +79,40 @@ async def test_missing_history_is_an_explicit_error(model):
     # The front keeps serving other conversations.
     assert (await front.moderate("ok", [1, 2], 0)).start_position == 0
     await front.close()
+
+
+@pytest.mark.parametrize(("inline_below", "expect_loop_thread"), [(1e9, True), (0.0, False)])
+async def test_short_steps_run_on_the_loop_thread_long_ones_on_the_engine_thread(
+    model, monkeypatch, inline_below, expect_loop_thread
+):
+    monkeypatch.setattr(async_engine, "INLINE_STEP_SECONDS", inline_below)
+    engine = new_engine(model)
+    threads: list[str] = []
+    step = engine.step
+
+    def recording_step():
+        threads.append(threading.current_thread().name)
+        return step()
+
+    engine.step = recording_step
+    front = AsyncGuardEngine(engine)
+    await front.moderate("c", [100, 101, 102], 0)  # no step measured yet: always the engine thread
+    predicted = engine.predicted_step_seconds()
+    assert predicted == 0  # nothing queued
+    result = await front.moderate("c", [103], 3)
+    assert result.start_position == 3
+    await front.close()
+    first, second = threads
+    assert first.startswith("guard-engine")
+    assert (second == "MainThread") is expect_loop_thread
+
+
+def test_predicted_step_time_scales_with_the_queued_tokens(model):
+    engine = new_engine(model)
+    assert engine.predicted_step_seconds() is None
+    engine.submit("a", list(range(100, 110)))
+    engine.run_until_idle()
+    engine.submit("a", list(range(200, 220)))
+    measured = engine.stats().last_step_cpu_seconds
+    assert measured > 0
+    assert engine.predicted_step_seconds() == pytest.approx(2 * measured)
