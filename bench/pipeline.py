@@ -40,10 +40,12 @@ import math
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,10 +53,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
 from processor.worker.settings import redact_url  # noqa: E402
 
@@ -324,6 +328,7 @@ def kv_cache_bytes(args, conversations: int, tokens_each: list[int]) -> int | No
 
 @contextlib.contextmanager
 def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_bytes: int | None) -> Iterator:
+    port = free_port()
     environment = os.environ | {
         "GUARDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
         "GUARDSTREAM_REDIS_URL": redis_url,
@@ -336,7 +341,7 @@ def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_byte
         "GUARDSTREAM_GROUP_ID": f"{prefix}.workers",
         "GUARDSTREAM_REDIS_KEY_PREFIX": f"{prefix}:",
         "GUARDSTREAM_SESSION_TTL": "3600",  # the bench's sessions need not outlive it by a day
-        "GUARDSTREAM_HTTP_PORT": "0",
+        "GUARDSTREAM_HTTP_PORT": str(port),
     }
     if args.dtype:
         environment["GUARDSTREAM_DTYPE"] = args.dtype
@@ -345,6 +350,7 @@ def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_byte
     worker = subprocess.Popen(
         [sys.executable, "-m", "processor.cli", "worker", "--log-level", "WARNING"], cwd=ROOT, env=environment
     )
+    worker.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     try:
         yield worker
     finally:
@@ -355,6 +361,44 @@ def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_byte
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def stage_totals(worker: subprocess.Popen) -> dict[str, tuple[float, float]]:
+    """(seconds, count) per step stage and of step events, from the worker's /metrics."""
+    url = worker.metrics_url  # type: ignore[attr-defined]
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("guardstream_step_stage_seconds_"):
+                name = sample.labels["stage"]
+            elif sample.name.startswith("guardstream_step_events_"):
+                name = "events per step"
+            else:
+                continue
+            entry = totals.setdefault(name, [0.0, 0.0])
+            if sample.name.endswith("_sum"):
+                entry[0] = sample.value
+            elif sample.name.endswith("_count"):
+                entry[1] = sample.value
+    return {name: (total, count) for name, (total, count) in totals.items()}
+
+
+def stage_means(before: dict, after: dict) -> dict[str, float | None]:
+    """Mean per step between two snapshots: stages in ms, 'events per step' as a count."""
+    means: dict[str, float | None] = {}
+    for name, (total, count) in after.items():
+        total_before, count_before = before.get(name, (0.0, 0.0))
+        steps = count - count_before
+        value = (total - total_before) / steps if steps else None
+        means[name] = value if value is None or name == "events per step" else round(1000 * value, 2)
+    return means
 
 
 async def new_topics(bootstrap: str, prefix: str, partitions: int) -> None:
@@ -422,6 +466,7 @@ async def one_rate(
             f"the worker answered {len(tally.opened)} of {len(conversations)} user turns in {open_timeout} s"
         )
 
+    stages_before = await stage_totals(worker)
     total, count = round(rate * args.seconds), len(conversations)
     sent_at, tick = tally.sent_at, args.tick_ms / 1000
     acks: list[asyncio.Future] = []
@@ -448,6 +493,7 @@ async def one_rate(
     await asyncio.gather(*acks)
     acked_seconds = time.perf_counter() - started
     await wait_until(lambda: tally.answered >= total, args.answer_timeout, worker)
+    stages = stage_means(stages_before, await stage_totals(worker))
     elapsed = (tally.last_at - started_wall) if tally.last_at else None
     latencies = tally.latencies
     row = {
@@ -471,6 +517,7 @@ async def one_rate(
         "latency_max_ms": ms(max(latencies, default=None)),
         "worker_latency_p50_ms": ms(percentile(tally.worker_latencies, 0.5)),
         "worker_latency_p99_ms": ms(percentile(tally.worker_latencies, 0.99)),
+        "worker_step_stage_mean_ms": stages,  # from the worker's /metrics over this rate
     }
     return row, tally
 
@@ -603,6 +650,15 @@ def print_table(args, result: dict) -> None:
                 f"{row['target_events_per_s']:>9,.0f} {number(row['offered_events_per_s']):>10} "
                 f"{row['sustained_events_per_s']:>12,}  {answered_text(row):<26}"
                 f"{cells[0]:>9} {cells[1]:>9} {cells[2]:>9}"
+            )
+        stage_names = ("events per step", *STAGES)
+        print("\nworker's mean per step (ms; from its /metrics): " + ", ".join(stage_names[1:]))
+        print(f"{'target/s':>9} " + " ".join(f"{name.split()[0]:>9}" for name in stage_names))
+        for row in result["rates"]:
+            means = row["worker_step_stage_mean_ms"]
+            print(
+                f"{row['target_events_per_s']:>9,.0f} "
+                + " ".join(f"{number(means.get(n)):>9}" for n in stage_names)
             )
         for row in result["rates"]:
             if row.get("left_when_next_rate_started"):

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # and each re-take waits while the loop runs Python (measured, tiny model on CPU with the worker busy:
 # 9 ms of CPU took 24-31 ms of wall time on the thread, 5 ms inline, and verdict latency fell by a
 # third). Longer steps go to the thread, so that the loop keeps serving Kafka heartbeats and I/O.
-INLINE_STEP_SECONDS = 0.010
+INLINE_STEP_SECONDS = 0.050
 
 
 class TokenHistory(Protocol):

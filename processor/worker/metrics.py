@@ -7,6 +7,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Verdict latency from the producer's ts: the goal is p99 under 100 ms, so resolve well below it.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STEP_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Where a step's time goes (prepare runs on the loop; the rest is its finish, in the background):
+#   wait     the loop waiting for earlier finishes before it may prepare another step (pipeline full)
+#   prepare  decode, sessions, plan, engine, verdicts;  engine: its share spent awaiting the model
+#   publish  sending verdicts and waiting for their acks;  order: waiting for the previous finish
+#   save     the Redis write;  commit  the offset commit
+STAGES = ("wait", "prepare", "engine", "publish", "order", "save", "commit")
 
 
 class WorkerMetrics:
@@ -30,6 +37,15 @@ class WorkerMetrics:
             "guardstream_step_tokens", "Tokens per step", buckets=STEP_BUCKETS, registry=r
         )
         self.step_seconds = Histogram("guardstream_step_seconds", "Wall time of a step", registry=r)
+        self.stage_seconds = Histogram(
+            "guardstream_step_stage_seconds",
+            "Wall time of each stage of a step (see STAGES in processor/worker/metrics.py)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
         self.step_failures = Counter("guardstream_step_failures", "Steps retried after an error", registry=r)
         self.session_conflicts = Counter(
             "guardstream_session_conflicts", "Session writes refused: another worker moved it on", registry=r

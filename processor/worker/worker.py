@@ -195,7 +195,9 @@ class Worker:
 
     async def _settle(self, keep: int) -> bool:
         """Let at most `keep` finishes stay in flight; on a failure, recover and say False."""
+        started = time.perf_counter()
         failure = await self.chain.wait(keep) or self._failure
+        self.metrics.stage_seconds.labels("wait").observe(time.perf_counter() - started)
         self._failure = None
         if failure is None:
             return True
@@ -241,8 +243,12 @@ class Worker:
             for conversation_id, items in incoming.items()
         ]
         dead_letters += self.rejected(steps)
+        engine_started = time.perf_counter()
         outcomes = await asyncio.gather(*(self.moderate(step) for step in steps if step.changed))
+        stage = self.metrics.stage_seconds
+        stage.labels("engine").observe(time.perf_counter() - engine_started)
         self.track(incoming, outcomes)
+        stage.labels("prepare").observe(time.perf_counter() - started)
         return PreparedStep(
             offsets={partition: records[-1].offset + 1 for partition, records in batch.items()},
             batch=batch,
@@ -255,21 +261,30 @@ class Worker:
 
     async def finish(self, step: PreparedStep, previous: asyncio.Task | None, stop: asyncio.Event) -> None:
         """Publish, save, commit: in that order, and after the previous step's save and commit."""
+        stage, clock = self.metrics.stage_seconds, time.perf_counter
         verdicts = [verdict for outcome in step.outcomes for verdict in outcome.verdicts]
+        started = clock()
         await self.publish(verdicts, step.dead_letters)
+        published = clock()
+        stage.labels("publish").observe(published - started)
         if previous is not None:
             await previous  # raises when it failed: this step is void too
+        ordered = clock()
+        stage.labels("order").observe(ordered - published)
         updates = [
             SessionUpdate(outcome.before, outcome.session, outcome.fed_token_ids) for outcome in step.outcomes
         ]
         conflicts = await self.with_retry(lambda: self.store.save(updates), stop, "save sessions")
+        saved = clock()
+        stage.labels("save").observe(saved - ordered)
         closed = [session for session in step.cached if session.closed]
         await self.forget([session.conversation_id for session in closed] + conflicts, conflicts)
         self.sessions.drop(conflicts)
         self.sessions.drop_if_unchanged(closed)  # written now; a later step may have moved them on
         # Verdicts acknowledged and sessions durable: only now may these records count as done.
         await self.consumer.commit(step.offsets)
-        self.observe(step, verdicts, time.perf_counter() - step.started)
+        stage.labels("commit").observe(clock() - saved)
+        self.observe(step, verdicts, clock() - step.started)
 
     async def sessions_for(self, conversation_ids: list[str], stop: asyncio.Event) -> dict[str, Session]:
         """Sessions from memory where a recent step left them, the rest from Redis in one round trip."""
