@@ -139,9 +139,13 @@ class Worker:
         self.consumer = consumer
         self.publisher = BatchPublisher(producer)
         self.metrics = metrics
-        self.chain = chain or StepChain()  # the engine's history must settle on this same chain
+        # The engine's history must settle on this same chain (`or` would replace an empty one: len 0).
+        self.chain = chain if chain is not None else StepChain()
         self.history = SettledHistory(store, self.chain)
         self.sessions = SessionCache()
+        # Finishes overlap; a step's records must reach each partition's queue before the next step's
+        # (a conversation's verdicts in seq order), and queuing can wait while a partition drains.
+        self.send_order = asyncio.Lock()  # FIFO: finishes start, and so queue, in step order
         self._failure: BaseException | None = None  # a finish that failed under the rebalance listener
         tokenizer = model.tokenizer
         self.limits: EventLimits = settings.event_limits(
@@ -350,6 +354,11 @@ class Worker:
 
     async def publish(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> None:
         """Send everything, then wait for every acknowledgement (acks=all, idempotent producer)."""
+        async with self.send_order:  # queued whole, in step order (queuing can wait on a partition)
+            sends = await self.queue_records(verdicts, dead_letters)
+        await asyncio.gather(*sends)
+
+    async def queue_records(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> list:
         sends = []
         if verdicts:
             records = [(verdict.conversation_id.encode(), verdict_json(verdict)) for verdict in verdicts]
@@ -360,7 +369,7 @@ class Worker:
                 for letter in dead_letters
             ]
             sends += await self.publisher.send(self.settings.dlq_topic, letters)
-        await asyncio.gather(*sends)
+        return sends
 
     async def forget(self, conversation_ids: list[str], conflicts: list[str]) -> None:
         """Free the GPU state of closed conversations, and of ones another worker moved on."""
