@@ -222,7 +222,12 @@ class Worker:
         """Back to the committed offsets; while Kafka itself is away, keep trying rather than exit."""
         for delay in (*RETRY_BACKOFF_SECONDS, *[RETRY_BACKOFF_SECONDS[-1]] * 60):
             try:
-                await self.consumer.seek_to_committed()
+                committed = await self.consumer.seek_to_committed()
+                # aiokafka leaves a partition with no committed offset (or 0) where it is, which would
+                # skip the failed records: those go back to the start, as a restart would (earliest).
+                never_committed = [partition for partition, offset in committed.items() if not offset]
+                if never_committed:
+                    await self.consumer.seek_to_beginning(*never_committed)
                 return
             except Exception as error:  # any client error: the broker is unreachable or moving
                 log.warning("rewind to committed offsets failed (%s); retrying in %.1fs", error, delay)

@@ -15,7 +15,8 @@ from processor.model import load_guard_model
 from processor.model.testmodel import write_test_model
 from processor.model.tokenizer import special_token_ids
 from processor.score import score_ids
-from processor.worker.session_store import unpack_token_ids
+from processor.worker.events import parse_verdict
+from processor.worker.session_store import SessionStore, unpack_token_ids
 from processor.worker.template import render_conversation
 
 from .harness import (
@@ -93,6 +94,16 @@ async def stream_interleaved(
         if not plans[conversation_id]:
             del plans[conversation_id]
     await producer.flush()
+
+
+def redone(event_count: int):
+    """Every event answered twice or more: once before a failure, again after the redo."""
+
+    def done(collected):
+        answered = [v["seq"] for v in collected.json() if v["kind"] in ("tokens", "prompt")]
+        return len(answered) > len(set(answered)) and set(answered) == set(range(event_count))
+
+    return done
 
 
 def ended(conversation_ids):
@@ -267,6 +278,67 @@ async def test_seq_gap_and_duplicate_redelivery(tiny_model, settings):
     assert [v.seq for v in token_verdicts] == [0, 1, 3, 4]  # duplicates not applied twice
     positions = [t.position for v in token_verdicts for t in v.tokens]
     assert positions == list(range(3, 3 + len(positions)))  # contiguous after the user opener
+
+
+async def test_a_failed_save_is_redone_with_the_same_verdicts_and_nothing_applied_twice(
+    tiny_model, settings, redis_url, redis_prefix, monkeypatch
+):
+    """A step's Redis write fails after its verdicts went out: the steps from there on are void, the
+    worker rewinds to the committed offsets, the engine drops what it ran beyond Redis, and the events
+    run again. Verdicts come twice, identical under (conversation_id, seq, kind); the session and its
+    token log end as if nothing had failed."""
+    save, failures = SessionStore.save, []
+
+    async def save_failing_once(store, updates):
+        if not failures:
+            failures.append([update.after.conversation_id for update in updates])
+            raise RuntimeError("injected: the Redis write failed after the verdicts were published")
+        return await save(store, updates)
+
+    monkeypatch.setattr(SessionStore, "save", save_failing_once)
+    config = settings()
+    user, answer = encode_turns(tiny_model, [("user", "one two"), ("assistant", "three four five six seven")])
+    events = [("user", user[1], {"end_of_turn": True})]
+    events += [("assistant", [token], {}) for token in answer[1][:-1]]
+    events += [("assistant", answer[1][-1:], {"end_of_conversation": True})]
+    ids = render_conversation([user, answer], special_token_ids(tiny_model.tokenizer))  # what the model sees
+    records = [
+        (
+            b"f",
+            json.dumps(
+                {"conversation_id": "f", "seq": seq, "role": role, "token_ids": tokens} | flags
+            ).encode(),
+        )
+        for seq, (role, tokens, flags) in enumerate(events)
+    ]
+    async with running_worker(config, tiny_model):
+        await send_raw(config.kafka_bootstrap, config.tokens_topic, records)
+        collected = await collect(config.kafka_bootstrap, config.verdicts_topic, ended(["f"]))
+        # The first attempt may have published everything, conversation_end included: wait for the redo.
+        redis = aioredis.from_url(redis_url)
+        try:
+            for _ in range(300):
+                session = await redis.hgetall(f"{redis_prefix}session:f")
+                if session.get(b"status") == b"ended":
+                    break
+                await asyncio.sleep(0.1)
+            history = unpack_token_ids(await redis.get(f"{redis_prefix}history:f"))
+        finally:
+            await redis.aclose()
+        collected = await collect(config.kafka_bootstrap, config.verdicts_topic, redone(len(events)))
+    assert failures == [["f"]]
+
+    by_identity: dict[tuple, list] = {}
+    for verdict in collected.json():
+        verdict.pop("latency_ms")
+        by_identity.setdefault((verdict["seq"], verdict["kind"]), []).append(verdict)
+    assert any(len(same) > 1 for same in by_identity.values()), "the failed step's verdicts were not re-sent"
+    for same in by_identity.values():
+        assert all(verdict == same[0] for verdict in same)
+    once = [parse_verdict(json.dumps(same[0])) for same in by_identity.values()]
+    assert_labels_match(streamed_token_labels(once, "f"), expected_token_labels(tiny_model, ids))
+    assert history == ids  # appended once
+    assert session[b"next_seq"] == str(len(events)).encode() and session[b"length"] == str(len(ids)).encode()
 
 
 async def test_bad_input_goes_to_dlq_and_the_rest_proceeds(tiny_model, settings):
