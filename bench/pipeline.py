@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from processor.local.process import free_port  # noqa: E402
 from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
 from processor.worker.settings import redact_url  # noqa: E402
@@ -361,12 +361,6 @@ def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_byte
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def stage_totals(worker: subprocess.Popen) -> dict[str, tuple[float, float]]:

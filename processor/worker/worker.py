@@ -112,13 +112,17 @@ class OpenConversations:
 class PreparedStep:
     """A step whose model has run, waiting to publish, save and commit."""
 
-    offsets: dict[TopicPartition, int]  # to commit
     batch: dict[TopicPartition, list[ConsumerRecord]]
     steps: list[ConversationStep]
     outcomes: list[ConversationOutcome]
     cached: list[Session]  # outcomes' sessions as the SessionCache holds them
     dead_letters: list[DeadLetter]
     started: float  # perf_counter at the start of prepare
+
+    @property
+    def offsets(self) -> dict[TopicPartition, int]:
+        """What to commit: past each partition's last record."""
+        return {partition: records[-1].offset + 1 for partition, records in self.batch.items()}
 
 
 class Worker:
@@ -259,7 +263,6 @@ class Worker:
         self.track(incoming, outcomes)
         stage.labels("prepare").observe(time.perf_counter() - started)
         return PreparedStep(
-            offsets={partition: records[-1].offset + 1 for partition, records in batch.items()},
             batch=batch,
             steps=steps,
             outcomes=outcomes,
@@ -363,7 +366,9 @@ class Worker:
             sends = await self.queue_records(verdicts, dead_letters)
         await asyncio.gather(*sends)
 
-    async def queue_records(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> list:
+    async def queue_records(
+        self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]
+    ) -> list[asyncio.Future]:
         sends = []
         if verdicts:
             records = [(verdict.conversation_id.encode(), verdict_json(verdict)) for verdict in verdicts]
@@ -383,7 +388,11 @@ class Worker:
                 "conversation %r was moved on by another worker; dropping its GPU state", conversation_id
             )
             self.metrics.session_conflicts.inc()
-        for conversation_id in dict.fromkeys(conversation_ids):
+        await self._release(dict.fromkeys(conversation_ids))
+
+    async def _release(self, conversation_ids: Iterable[str]) -> None:
+        """Free the conversations' engine state and stop counting them as open."""
+        for conversation_id in conversation_ids:
             await self.front.release(conversation_id)
             self.open.remove(conversation_id)
 
@@ -458,9 +467,7 @@ class Worker:
                 self._failure = failure
                 self.sessions.clear()
             leaving = self.open.in_partitions(revoked)
-            for conversation_id in leaving:
-                await self.front.release(conversation_id)
-                self.open.remove(conversation_id)
+            await self._release(leaving)
             self.sessions.drop(leaving)  # the new owner may move them on
         log.info("partitions revoked: %s", sorted(partition.partition for partition in revoked))
 
@@ -468,9 +475,7 @@ class Worker:
         """Idle conversations past the session TTL stop counting against max_conversations."""
         cutoff = time.monotonic() - self.settings.session_ttl
         idle = self.open.idle_since(cutoff)
-        for conversation_id in idle:
-            await self.front.release(conversation_id)
-            self.open.remove(conversation_id)
+        await self._release(idle)
         self.sessions.drop(idle)
 
 

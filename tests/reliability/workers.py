@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from processor.local.process import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 # Loading torch and the model takes seconds, more on a busy 2-core machine.
 START_TIMEOUT_S = 90.0
 _ASSIGNED = re.compile(r"partitions assigned: \[([0-9, ]*)\]")
 _REVOKED = re.compile(r"partitions revoked: \[([0-9, ]*)\]")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def guardstream_command() -> list[str]:
