@@ -227,6 +227,11 @@ async def test_redis_session_and_expiry(tiny_model, settings, redis_url, redis_p
         await collect(config.kafka_bootstrap, config.verdicts_topic, ended(["r-0"]))
         redis = aioredis.from_url(redis_url)
         try:
+            # Verdicts are published before the step's Redis write (then the commit): wait for the write.
+            for _ in range(100):
+                if await redis.hget(f"{redis_prefix}session:r-0", "status") == b"ended":
+                    break
+                await asyncio.sleep(0.1)
             session = {
                 k.decode(): v.decode() for k, v in (await redis.hgetall(f"{redis_prefix}session:r-0")).items()
             }
@@ -317,7 +322,7 @@ async def test_a_failed_save_is_redone_with_the_same_verdicts_and_nothing_applie
         # The first attempt may have published everything, conversation_end included: wait for the redo.
         redis = aioredis.from_url(redis_url)
         try:
-            for _ in range(300):
+            for _ in range(600):
                 session = await redis.hgetall(f"{redis_prefix}session:f")
                 if session.get(b"status") == b"ended":
                     break
