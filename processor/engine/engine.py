@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from processor.engine.block_manager import BlockManager
+from processor.engine.host_memory import keep_freed_host_memory
 from processor.engine.kv_cache import allocate_kv_cache, bytes_per_token, cache_budget_bytes
 from processor.engine.model_runner import LABEL_COLUMNS, ModelRunner
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
@@ -55,6 +56,8 @@ class GuardEngine:
     def __init__(self, model: GuardModel, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        if model.device.type == "cpu":
+            keep_freed_host_memory()
         per_token = bytes_per_token(model.config, model.dtype)
         budget = cache_budget_bytes(model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction)
         num_blocks = budget // (per_token * self.config.block_size)

@@ -129,12 +129,14 @@ def packed_keys(
     return PackedKeys(key_slots=key_slots, block_mask=block_mask)
 
 
-@functools.cache  # compiled once per process
-def _flex_kernel():
+@functools.cache  # compiled once per process and device type
+def _flex_kernel(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
     # Compiled on CUDA (the fused kernel); eager elsewhere, where flex runs its unfused reference.
-    if torch.cuda.is_available():
+    # Chosen by the tensors' device, not by whether CUDA exists: on a GPU machine, CPU tensors sent
+    # through the compiled kernel went to inductor's C++ backend, which failed to build (torch 2.11).
+    if device_type == "cuda":
         return torch.compile(flex_attention, dynamic=True)
     return flex_attention
 
@@ -151,7 +153,7 @@ def flex_packed_attention(
     assert batch.packed is not None, "the flex backend needs AttentionBatch.packed"
     write_kv(key, value, kv_layer, batch.slot_mapping)
     packed_key, packed_value = read_kv(kv_layer, batch.packed.key_slots, query.dtype)  # [S, kv_heads, D]
-    attended = _flex_kernel()(
+    attended = _flex_kernel(query.device.type)(
         query.transpose(0, 1)[None],
         packed_key.transpose(0, 1)[None],
         packed_value.transpose(0, 1)[None],
