@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from processor.engine.block_manager import BlockManager
 from processor.engine.host_memory import keep_freed_host_memory
 from processor.engine.kv_cache import allocate_kv_cache, bytes_per_token, cache_budget_bytes
-from processor.engine.model_runner import LABEL_COLUMNS, ModelRunner
+from processor.engine.model_runner import ModelRunner
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
 from processor.engine.scheduler import ScheduledChunk, Scheduler
 from processor.engine.sequence import ChunkRequest, Conversation
@@ -171,12 +171,12 @@ class GuardEngine:
                 request, conversation = chunk.request, chunk.conversation
                 conversation.cached_token_ids += chunk.token_ids
                 keep_from = row + max(0, request.rebuild - chunk.offset)  # rebuild rows give no results
-                request.label_rows += output.labels[keep_from : row + chunk.length]
+                end = row + chunk.length
+                for column, values in zip(request.label_columns, output.label_columns, strict=True):
+                    column += values[keep_from:end]
                 if output.probabilities is not None:
                     for head, rows in output.probabilities.items():
-                        request.probabilities.setdefault(head, []).extend(
-                            rows[keep_from : row + chunk.length]
-                        )
+                        request.probabilities.setdefault(head, []).extend(rows[keep_from:end])
                 request.done += chunk.length
                 row += chunk.length
                 if request.remaining == 0:
@@ -211,17 +211,10 @@ class GuardEngine:
         self._finished.append(self._result(request, status))
 
     def _result(self, request: ChunkRequest, status: ChunkStatus) -> ChunkResult:
-        columns = (
-            list(zip(*request.label_rows, strict=True)) if request.label_rows else [()] * len(LABEL_COLUMNS)
-        )
+        columns = request.label_columns
 
         def head(offset: int) -> HeadLabels:
-            return HeadLabels(
-                risk_level=[int(value) for value in columns[offset]],
-                risk_prob=list(columns[offset + 1]),
-                category=[int(value) for value in columns[offset + 2]],
-                category_prob=list(columns[offset + 3]),
-            )
+            return HeadLabels(*columns[offset : offset + 4])
 
         probabilities = (
             request.probabilities if self.config.keep_probabilities and request.probabilities else None

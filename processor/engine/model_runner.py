@@ -23,22 +23,11 @@ from processor.model.attention import (
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import HEAD_NAMES, GuardLogits
 
-# Columns of the per-token label matrix copied to the host.
-LABEL_COLUMNS = (
-    "risk_level",
-    "risk_prob",
-    "category",
-    "category_prob",
-    "query_risk_level",
-    "query_risk_prob",
-    "query_category",
-    "query_category_prob",
-)
-
 
 @dataclass
 class StepOutput:
-    labels: list[list[float]]  # [tokens][LABEL_COLUMNS], in the scheduled chunks' order
+    # [sequence.LABEL_COLUMNS][tokens], tokens in the scheduled chunks' order; index columns hold ints.
+    label_columns: list[list]
     probabilities: dict[str, list[list[float]]] | None  # head -> [tokens][classes], when asked for
 
 
@@ -78,13 +67,15 @@ class ModelRunner:
         logits = self.model.network(
             as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend
         )
-        labels = label_matrix(logits).cpu().tolist()
+        matrix = label_matrix(logits).cpu()  # the step's one device-to-host copy
+        indexes, probs = matrix[:, 0::2].long().T.tolist(), matrix[:, 1::2].T.tolist()
+        label_columns = [column for pair in zip(indexes, probs, strict=True) for column in pair]
         probabilities = None
         if with_probabilities:
             probabilities = {
                 name: getattr(logits, name).float().softmax(dim=-1).cpu().tolist() for name in HEAD_NAMES
             }
-        return StepOutput(labels, probabilities)
+        return StepOutput(label_columns, probabilities)
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -148,7 +139,11 @@ class ModelRunner:
         key_slots = (block_tables[:, :, None] * block_size + slot_in_block).reshape(len(chunks), -1)
         key_slots = key_slots[:, :context]
         key_positions = torch.arange(context, device=self.device)
-        mask = key_positions[None, None, :] <= query_positions[:, :, None]
+        allowed = key_positions[None, None, :] <= query_positions[:, :, None]
+        # Additive, in the compute dtype, built once per step: SDPA would convert a bool mask in
+        # every layer (1.3 of 13 ms per layer on CPU at 200 x 9 queries over 500 keys).
+        mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
+        mask.masked_fill_(~allowed, float("-inf"))
         # Built on the host from the lengths: a device nonzero() would force a sync every step.
         valid_flat, valid_tokens = [], []
         for index, (row, chunk) in enumerate(zip(first_rows, chunks, strict=True)):

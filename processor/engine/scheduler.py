@@ -118,8 +118,7 @@ class Scheduler:
             request = other.pending[0]
             if request.done:
                 # Part of this request is already cached: fold it back so the whole request reruns.
-                request.label_rows.clear()
-                request.probabilities.clear()
+                request.clear_results()
                 request.done = 0
             kept = other.cached_token_ids[: request.start_position]
             request.token_ids = kept + request.token_ids

@@ -5,6 +5,18 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+# Per-token label columns: argmax class index and its probability for each of the four heads.
+LABEL_COLUMNS = (
+    "risk_level",
+    "risk_prob",
+    "category",
+    "category_prob",
+    "query_risk_level",
+    "query_risk_prob",
+    "query_category",
+    "query_category_prob",
+)
+
 
 @dataclass
 class ChunkRequest:
@@ -20,8 +32,14 @@ class ChunkRequest:
     start_position: int
     rebuild: int = 0
     done: int = 0
-    label_rows: list[list[float]] = field(default_factory=list)
+    # Per-token labels as columns (LABEL_COLUMNS order): class indexes are ints,
+    # probabilities floats, so results are handed out without converting each token.
+    label_columns: list[list] = field(default_factory=lambda: [[] for _ in LABEL_COLUMNS])
     probabilities: dict[str, list[list[float]]] = field(default_factory=dict)  # head -> per-token rows
+
+    def clear_results(self) -> None:
+        self.label_columns = [[] for _ in LABEL_COLUMNS]
+        self.probabilities.clear()
 
     @property
     def remaining(self) -> int:
