@@ -31,4 +31,6 @@ for backend in sdpa flex; do
     step "engine_${backend}" 180 python3 bench/engine.py --size 0.6b-shape --device cuda --backend "$backend" \
         --concurrency 1,8,64,256,1024 --out "$out/engine-cuda-0.6b-shape-$backend.json"
 done
+step profile 120 python3 bench/gpu_profile.py --conversations 1,256
+grep '^==' "$out/profile.log"
 printf '%s\n' "${summary[@]}"
