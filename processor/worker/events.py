@@ -127,6 +127,9 @@ class EventLimits:
     max_conversation_id_length: int = 128
     vocab_size: int | None = None
     text_allowed: bool = True
+    # Chat mode: the ids that open and close turns (<|im_start|>, <|im_end|>, <|endoftext|>). The worker
+    # writes the template itself; such ids inside content would forge turns the model then reads.
+    control_ids: frozenset[int] = frozenset()
 
 
 class BadTokenEvent(ValueError):
@@ -173,6 +176,12 @@ def _check_limits(event: TokenEvent, limits: EventLimits) -> None:
                 raise BadTokenEvent(
                     f"token ids outside the model's vocabulary (0..{limits.vocab_size - 1}): {outside[:5]}"
                 )
+        control = [token_id for token_id in event.token_ids if token_id in limits.control_ids]
+        if control:
+            raise BadTokenEvent(
+                f"token ids {control[:5]} open or close chat turns (<|im_start|>, <|im_end|>, "
+                "<|endoftext|>); in chat mode send content ids only and mark a turn's end with end_of_turn"
+            )
     if event.text is not None:
         if not limits.text_allowed:
             raise BadTokenEvent("event carries text but the worker's model has no tokenizer; send token_ids")

@@ -115,7 +115,9 @@ class WorkerSettings(BaseSettings):
             )
         return self
 
-    def event_limits(self, vocab_size: int | None, text_allowed: bool) -> EventLimits:
+    def event_limits(
+        self, vocab_size: int | None, text_allowed: bool, control_ids: frozenset[int] = frozenset()
+    ) -> EventLimits:
         return EventLimits(
             max_record_bytes=self.max_record_bytes,
             max_tokens_per_event=self.max_tokens_per_event,
@@ -123,6 +125,7 @@ class WorkerSettings(BaseSettings):
             max_conversation_id_length=self.max_conversation_id_length,
             vocab_size=vocab_size,
             text_allowed=text_allowed,
+            control_ids=control_ids,
         )
 
     def redis_options(self) -> dict[str, object]:

@@ -10,6 +10,7 @@ alert of its user turn.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -22,11 +23,28 @@ VerdictMode = Literal["tokens", "changes", "turns"]
 
 
 @dataclass(frozen=True)
+class RoleLabels:
+    """What one role's heads' class indexes mean, with each risk level read under the policy."""
+
+    level_names: tuple[str, ...]
+    category_names: tuple[str, ...]
+    policy_levels: tuple[str, ...]  # apply_policy of each level
+    flagged: tuple[bool, ...]  # is_flagged of each policy level
+
+
+@dataclass(frozen=True)
 class VerdictConfig:
     labels: LabelMaps
     policy: Policy
     mode: VerdictMode
     model_name: str
+
+    @functools.cache  # noqa: B019 - a handful of configs per process, each asked per token
+    def for_role(self, role: Role) -> RoleLabels:
+        level_names, category_names = self.labels.for_role(role)
+        policy_levels = tuple(apply_policy(level, self.policy) for level in level_names)
+        flagged = tuple(is_flagged(level, self.policy) for level in policy_levels)
+        return RoleLabels(level_names, category_names, policy_levels, flagged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +140,7 @@ def build_verdicts(
             state = state.for_turn(turn.turn)
             index = offset + turn.prompt_index
             position = start_position + turn.prompt_index
-            flag = _policy_flag(config, "user", result.query, index)
+            flag = _policy_flag(config.for_role("user"), result.query, index)
             if flag.flagged and state.turn_alert_position is None:
                 state = state.with_alert(position, flag)
             verdicts.append(
@@ -131,7 +149,7 @@ def build_verdicts(
                     turn.turn,
                     "user",
                     flag,
-                    tokens=[_token_verdict(config, "user", result, index, position)],
+                    tokens=[_token_verdict(config.for_role("user"), result.query, result, index, position)],
                     alert=flag.flagged,
                     alert_position=position if flag.flagged else None,
                 )
@@ -217,19 +235,21 @@ def _content_verdicts(
 ) -> tuple[VerdictState, list[TokenVerdict], Flag, int | None]:
     """Per-token verdicts of the event's content tokens (one turn), with debounce for assistant turns."""
     role = fed.roles[content[0]]
-    heads = result.heads_for_role(role)
+    heads, labels = result.heads_for_role(role), config.for_role(role)
     tokens: list[TokenVerdict] = []
     first_debounced: Flag | None = None
     alert_position: int | None = None
     last = NO_FLAG
     for k in content:
         index, position = offset + k, start_position + k
-        tokens.append(_token_verdict(config, role, result, index, position))
-        last = _policy_flag(config, role, heads, index)
+        tokens.append(_token_verdict(labels, heads, result, index, position))
+        last = _policy_flag(labels, heads, index)
         if role != "assistant":
             continue
         debounced = last.flagged and state.previous_flagged
-        state = replace(state, previous_flagged=last.flagged, turn_level=last.level if debounced else SAFE)
+        turn_level = last.level if debounced else SAFE
+        if state.previous_flagged != last.flagged or state.turn_level != turn_level:
+            state = replace(state, previous_flagged=last.flagged, turn_level=turn_level)
         if debounced:
             first_debounced = first_debounced or last
             if state.turn_alert_position is None:
@@ -250,31 +270,28 @@ def _publish_tokens(mode: VerdictMode, role: Role, level_before: str, level_afte
     return False
 
 
-def _policy_flag(config: VerdictConfig, role: Role, heads: HeadLabels, index: int) -> Flag:
-    level_names, category_names = config.labels.for_role(role)
-    level = apply_policy(level_names[heads.risk_level[index]], config.policy)
-    if not is_flagged(level, config.policy):
+def _policy_flag(labels: RoleLabels, heads: HeadLabels, index: int) -> Flag:
+    level = heads.risk_level[index]
+    if not labels.flagged[level]:
         return Flag(level=SAFE, prob=heads.risk_prob[index])
     return Flag(
-        level=level,
+        level=labels.policy_levels[level],
         prob=heads.risk_prob[index],
-        category=category_names[heads.category[index]],
+        category=labels.category_names[heads.category[index]],
         category_prob=heads.category_prob[index],
     )
 
 
 def _token_verdict(
-    config: VerdictConfig, role: Role, result: ChunkResult, index: int, position: int
+    labels: RoleLabels, heads: HeadLabels, result: ChunkResult, index: int, position: int
 ) -> TokenVerdict:
-    heads = result.heads_for_role(role)
-    level_names, category_names = config.labels.for_role(role)
-    level = level_names[heads.risk_level[index]]
+    level = labels.level_names[heads.risk_level[index]]
     safe = level == SAFE
     return TokenVerdict(
         position=position,
         token_id=result.token_ids[index],
         risk_level=level,
         risk_prob=heads.risk_prob[index],
-        category=None if safe else category_names[heads.category[index]],
+        category=None if safe else labels.category_names[heads.category[index]],
         category_prob=None if safe else heads.category_prob[index],
     )

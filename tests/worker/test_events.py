@@ -65,3 +65,16 @@ def test_schema_files_are_current():
         assert on_disk == schemas.render_schema(model), (
             f"run `python -m processor.worker.schemas` ({file_name})"
         )
+
+
+def test_turn_control_ids_refused_where_the_worker_writes_the_template():
+    chat = EventLimits(vocab_size=1000, control_ids=frozenset({900, 901}))
+    with pytest.raises(BadTokenEvent, match=r"token ids \[901\] open or close chat turns"):
+        decode_token_event(b"conv-1", record(token_ids=[1, 901]), chat)
+    # Raw mode (no control ids): the same ids are fed as sent.
+    assert decode_token_event(
+        b"conv-1", record(token_ids=[1, 901]), EventLimits(vocab_size=1000)
+    ).token_ids == [
+        1,
+        901,
+    ]

@@ -339,15 +339,43 @@ async def test_a_failed_save_is_redone_with_the_same_verdicts_and_nothing_applie
         by_identity.setdefault((verdict["seq"], verdict["kind"]), []).append(verdict)
     assert any(len(same) > 1 for same in by_identity.values()), "the failed step's verdicts were not re-sent"
     for same in by_identity.values():
-        assert all(verdict == same[0] for verdict in same)
+        for verdict in same[1:]:
+            assert_same_but_rounding(verdict, same[0])
     once = [parse_verdict(json.dumps(same[0])) for same in by_identity.values()]
     assert_labels_match(streamed_token_labels(once, "f"), expected_token_labels(tiny_model, ids))
     assert history == ids  # appended once
     assert session[b"next_seq"] == str(len(events)).encode() and session[b"length"] == str(len(ids)).encode()
 
 
+def assert_same_but_rounding(redone: dict, first: dict) -> None:
+    """A redo runs its tokens in other batches than the first attempt did, and batched float math
+    differs in the last bits with the batch (seen: 3e-8 here, with any attention code): probabilities
+    agree to rounding, everything else exactly."""
+
+    def split(verdict: dict) -> tuple[dict, list[float]]:
+        probabilities = [verdict[name] for name in PROBABILITY_FIELDS]
+        exact = {name: value for name, value in verdict.items() if name not in PROBABILITY_FIELDS}
+        exact["tokens"] = [
+            {name: value for name, value in token.items() if name not in PROBABILITY_FIELDS}
+            for token in verdict.get("tokens") or []
+        ]
+        for token in verdict.get("tokens") or []:
+            probabilities += [token[name] for name in PROBABILITY_FIELDS]
+        return exact, probabilities
+
+    (redone_exact, redone_probs), (first_exact, first_probs) = split(redone), split(first)
+    assert redone_exact == first_exact
+    assert [p is None for p in redone_probs] == [p is None for p in first_probs]
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(redone_probs, first_probs, strict=True) if a is not None)
+
+
+PROBABILITY_FIELDS = ("risk_prob", "category_prob")
+
+
 async def test_bad_input_goes_to_dlq_and_the_rest_proceeds(tiny_model, settings):
     config = settings(max_tokens_per_event=8)
+    assert config.template == "chat"
+    im_end = special_token_ids(tiny_model.tokenizer).im_end
     good = {
         "conversation_id": "ok",
         "seq": 0,
@@ -361,6 +389,7 @@ async def test_bad_input_goes_to_dlq_and_the_rest_proceeds(tiny_model, settings)
         (b"other", json.dumps(good | {"conversation_id": "x"}).encode()),  # key disagrees
         (b"x", json.dumps(good | {"conversation_id": "x", "token_ids": [10**9]}).encode()),  # not in vocab
         (b"x", json.dumps(good | {"conversation_id": "x", "token_ids": list(range(9))}).encode()),  # too many
+        (b"x", json.dumps(good | {"conversation_id": "x", "token_ids": [100, im_end]}).encode()),  # turn id
         (
             b"x",
             json.dumps(
@@ -383,6 +412,7 @@ async def test_bad_input_goes_to_dlq_and_the_rest_proceeds(tiny_model, settings)
         "differs from conversation_id",
         "outside the model's vocabulary",
         "the limit is 8",
+        "open or close chat turns",
         "exactly one of token_ids and text",
     ]
     expected = {value.decode(): reason for (_, value), reason in zip(bad, reasons, strict=True)}
