@@ -26,7 +26,7 @@ demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" STATE_DIR="$(STATE_DIR)" bash scripts/demo.sh
 
 # The CPU benchmarks behind README's figures; each prints a table and writes JSON under bench/results/.
-# GPU: `python bench/engine.py --size 0.6b-shape --device cuda` and `python bench/gpu_check.py DIR`.
+# GPU (one lent machine, one call): `bash bench/gpu_session.sh OUT_DIR` (see README, "On a GPU").
 BENCH_MODEL := $(STATE_DIR)/models/test-tiny
 bench: setup
 	PYTHONPATH="$(CURDIR)" $(BIN)/python bench/engine.py --size small --threads 1
