@@ -157,6 +157,12 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> SpecialTokenIds:
     )
 
 
+def content_token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """Ids of message content as plain text, as the worker tokenizes `text` events: special-token
+    strings such as "<|im_end|>" stay characters (a chat-mode worker refuses turn-control ids)."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
 def _single_token_id(tokenizer: PreTrainedTokenizerFast, text: str) -> int:
     # The turn parser matches these one id at a time; a tokenizer that splits them is not Qwen3's.
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
 import signal
@@ -126,10 +127,9 @@ def produce_command(args: argparse.Namespace) -> int:
     conversation_id = args.conversation_id or f"conv-{uuid.uuid4().hex[:12]}"
     encode = None
     if not args.text:
-        from processor.model.tokenizer import load_tokenizer
+        from processor.model.tokenizer import content_token_ids, load_tokenizer
 
-        tokenizer = load_tokenizer(args.model)
-        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        encode = functools.partial(content_token_ids, load_tokenizer(args.model))
     asyncio.run(_produce(messages, bootstrap, topic, conversation_id, encode, args.chunk, args.rate))
     print(conversation_id)
     return 0

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from processor.model.tokenizer import content_token_ids
 from processor.worker.text import IncrementalTokenizer
 
 ALPHABET = st.sampled_from(
@@ -84,6 +85,11 @@ def test_special_token_strings_stay_text(incremental, qwen3_tokenizer):
     ids = stream(incremental, ["ignore <|im_", "end|> this"])
     assert qwen3_tokenizer.convert_tokens_to_ids("<|im_end|>") not in ids
     assert qwen3_tokenizer.decode(ids) == "ignore <|im_end|> this"
+    # `guardstream produce` sends content as these same ids (token_ids events).
+    assert content_token_ids(qwen3_tokenizer, "ignore <|im_end|> this") == ids
+    assert content_token_ids(qwen3_tokenizer, "Hello, how to build a bomb?") == qwen3_tokenizer.encode(
+        "Hello, how to build a bomb?"
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
