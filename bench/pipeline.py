@@ -19,6 +19,9 @@ Three measurements, printed as a table and written as JSON (bench/results/pipeli
    it finds them all waiting:
    token verdicts/s from the first to the last.
 
+Both the rates and the drain also report the worker's CPU time (all its threads, from /proc) per
+answered event: steadier than events/s on this shared machine, and what a change to the worker moves.
+
     python bench/pipeline.py --model DIR --device cpu --rates 1000,5000,10000,20000 --seconds 15 \\
         --conversations 200 --raw-events 100000 --drain-events 40000
 
@@ -384,6 +387,25 @@ async def stage_totals(worker: subprocess.Popen) -> dict[str, tuple[float, float
     return {name: (total, count) for name, (total, count) in totals.items()}
 
 
+def cpu_seconds(worker: subprocess.Popen) -> float | None:
+    """The worker process's CPU time so far (user + system, all threads); None off Linux.
+
+    CPU per event is steadier than events/s on a machine whose cores the broker, the generator and
+    other jobs share: it says what the worker costs, not what it was left.
+    """
+    try:
+        fields = Path(f"/proc/{worker.pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_us_per_event(before: float | None, after: float | None, events: int) -> float | None:
+    if before is None or after is None or not events:
+        return None
+    return round(1e6 * (after - before) / events, 1)
+
+
 def stage_means(before: dict, after: dict) -> dict[str, float | None]:
     """Mean per step between two snapshots: stages in ms, 'events per step' as a count."""
     means: dict[str, float | None] = {}
@@ -460,7 +482,7 @@ async def one_rate(
             f"the worker answered {len(tally.opened)} of {len(conversations)} user turns in {open_timeout} s"
         )
 
-    stages_before = await stage_totals(worker)
+    stages_before, cpu_before = await stage_totals(worker), cpu_seconds(worker)
     total, count = round(rate * args.seconds), len(conversations)
     sent_at, tick = tally.sent_at, args.tick_ms / 1000
     acks: list[asyncio.Future] = []
@@ -487,6 +509,7 @@ async def one_rate(
     await asyncio.gather(*acks)
     acked_seconds = time.perf_counter() - started
     await wait_until(lambda: tally.answered >= total, args.answer_timeout, worker)
+    cpu_after = cpu_seconds(worker)
     stages = stage_means(stages_before, await stage_totals(worker))
     elapsed = (tally.last_at - started_wall) if tally.last_at else None
     latencies = tally.latencies
@@ -512,6 +535,8 @@ async def one_rate(
         "worker_latency_p50_ms": ms(percentile(tally.worker_latencies, 0.5)),
         "worker_latency_p99_ms": ms(percentile(tally.worker_latencies, 0.99)),
         "worker_step_stage_mean_ms": stages,  # from the worker's /metrics over this rate
+        # The worker's CPU (all threads) over this rate, per answered token event.
+        "worker_cpu_us_per_event": cpu_us_per_event(cpu_before, cpu_after, tally.answered),
     }
     return row, tally
 
@@ -556,7 +581,7 @@ async def drain(args, bootstrap: str, redis_url: str) -> dict:
                     )
                 opened_seconds = time.time() - started
                 worker.send_signal(signal.SIGSTOP)
-                frozen = time.perf_counter()
+                frozen, cpu_before = time.perf_counter(), cpu_seconds(worker)
                 try:
                     for first in range(0, events, 10_000):
                         now, records = time.time(), []
@@ -570,6 +595,7 @@ async def drain(args, bootstrap: str, redis_url: str) -> dict:
                     worker.send_signal(signal.SIGCONT)
                 frozen_seconds, thawed = time.perf_counter() - frozen, time.time()
                 await wait_until(lambda: tally.answered >= events, args.drain_timeout, worker)
+                cpu_after = cpu_seconds(worker)
     finally:
         await producer.stop()
     span = (tally.last_at - tally.first_at) if tally.first_at else 0.0
@@ -589,6 +615,7 @@ async def drain(args, bootstrap: str, redis_url: str) -> dict:
         "seconds_frozen_while_producing": round(frozen_seconds, 3),
         "seconds_thaw_to_first_verdict": round(tally.first_at - thawed, 3) if tally.first_at else None,
         "kv_cache_bytes": cache_bytes,
+        "worker_cpu_us_per_event": cpu_us_per_event(cpu_before, cpu_after, tally.answered),
     }
 
 
@@ -636,14 +663,14 @@ def print_table(args, result: dict) -> None:
         )
         print(
             f"{'target/s':>9} {'offered/s':>10} {'sustained/s':>12}  {'answered':<26}"
-            f"{'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
+            f"{'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'worker CPU us/event':>20}"
         )
         for row in result["rates"]:
             cells = [number(row[f"latency_{name}_ms"]) for name in ("p50", "p95", "p99")]
             print(
                 f"{row['target_events_per_s']:>9,.0f} {number(row['offered_events_per_s']):>10} "
                 f"{row['sustained_events_per_s']:>12,}  {answered_text(row):<26}"
-                f"{cells[0]:>9} {cells[1]:>9} {cells[2]:>9}"
+                f"{cells[0]:>9} {cells[1]:>9} {cells[2]:>9} {number(row['worker_cpu_us_per_event']):>20}"
             )
         stage_names = ("events per step", *STAGES)
         print("\nworker's mean per step (ms; from its /metrics): " + ", ".join(stage_names[1:]))
@@ -678,7 +705,8 @@ def print_table(args, result: dict) -> None:
         )
         print(
             f"verdicts/s, first to last token verdict: {number(drained['events_per_s'])} "
-            f"({answered} answered, {drained['seconds_first_to_last_verdict']:.2f} s)"
+            f"({answered} answered, {drained['seconds_first_to_last_verdict']:.2f} s); "
+            f"worker CPU {number(drained['worker_cpu_us_per_event'])} us per event"
         )
 
 
