@@ -125,8 +125,9 @@ def grouped_query_attention(
     """query [B, Q, heads, D], key/value [B, kv_heads, L, D] -> [B, Q, heads, D].
 
     The query heads that share a KV head are folded into the query axis ([B, kv_heads, group * Q, D]),
-    so keys and values are neither copied per head nor left to SDPA's `enable_gqa`, which the
-    memory-efficient CUDA kernel does not take (the math fallback would copy them).
+    so keys and values are neither copied per head nor left to SDPA's `enable_gqa`: torch's SDPA
+    dispatch lets only some CUDA kernels take GQA, and with a mask that left cuDNN's (see
+    CUDA_SDPA_BACKENDS) or the math path, which copies keys and values per head.
     """
     rows, queries, heads, head_dim = query.shape
     kv_heads = key.shape[1]
