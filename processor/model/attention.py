@@ -12,6 +12,7 @@ packed tokens (CUDA, no padding). Both must give the same results (tests compare
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,10 +137,7 @@ def grouped_query_attention(
     folded = query.view(rows, queries, kv_heads, group_size, head_dim).permute(0, 2, 3, 1, 4)
     folded = folded.reshape(rows, kv_heads, group_size * queries, head_dim)
     mask = group.grouped_mask(group_size)
-    if query.is_cuda:
-        with sdpa_kernel(CUDA_SDPA_BACKENDS):
-            attended = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
-    else:
+    with sdpa_kernel(CUDA_SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():
         attended = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
     attended = attended.view(rows, kv_heads, group_size, queries, head_dim).permute(0, 3, 1, 2, 4)
     return attended.reshape(rows, queries, heads, head_dim)

@@ -176,7 +176,7 @@ def _check_limits(event: TokenEvent, limits: EventLimits) -> None:
                 raise BadTokenEvent(
                     f"token ids outside the model's vocabulary (0..{limits.vocab_size - 1}): {outside[:5]}"
                 )
-        control = [token_id for token_id in event.token_ids if token_id in limits.control_ids]
+        control = limits.control_ids and [i for i in event.token_ids if i in limits.control_ids]
         if control:
             raise BadTokenEvent(
                 f"token ids {control[:5]} open or close chat turns (<|im_start|>, <|im_end|>, "
