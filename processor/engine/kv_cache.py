@@ -29,12 +29,17 @@ def cache_budget_bytes(device: torch.device, budget_bytes: int | None, free_frac
 def allocate_kv_cache(
     config: GuardConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """[layers, 2 (key, value), slots, kv_heads, head_dim]; slot = block * block_size + offset."""
+    """[layers, 2 (key, value), kv_heads, slots, head_dim]; slot = block * block_size + offset.
+
+    KV-head-major, so that a block's keys for one head are one contiguous [block_size, head_dim] run:
+    gathering whole blocks yields [kv_heads, conversations, keys, head_dim] with the keys contiguous,
+    the layout SDPA reads fastest (see processor.model.attention).
+    """
     return torch.zeros(
         config.num_hidden_layers,
         2,
-        num_blocks * block_size,
         config.num_key_value_heads,
+        num_blocks * block_size,
         config.head_dim,
         device=device,
         dtype=dtype,

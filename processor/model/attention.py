@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,19 +34,20 @@ class AttentionGroup:
 
     The runner puts single-token (streaming) conversations in one group and multi-token (prompt,
     backlog, rebuild) conversations in another, so one long prompt doesn't pad hundreds of
-    one-token rows to its length.
+    one-token rows to its length. Keys are read by whole cache blocks (L = table width x block size):
+    a block is one contiguous run per KV head, so the gather copies runs instead of single slots.
     """
 
     token_rows: torch.Tensor  # [B, Q] index into the step's packed tokens (padding -> 0)
     # Where the real (unpadded) queries sit: flat index into [B * Q], and their packed token rows.
     valid_flat: torch.Tensor
     valid_tokens: torch.Tensor
-    key_slots: torch.Tensor  # [B, L] flat cache slot of each key position (padding -> 0)
-    mask: torch.Tensor  # [B, 1, Q, L] additive: 0 where a query may attend to a key, -inf elsewhere
+    block_tables: torch.Tensor  # [B, W] cache blocks of each conversation (padding -> block 0)
+    mask: torch.Tensor  # [1, B, Q, L] additive: 0 where a query may attend to a key, -inf elsewhere
     _grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def grouped_mask(self, group_size: int) -> torch.Tensor:
-        """[B, 1, group_size * Q, L]: the mask repeated for each query head of a KV-head group;
+        """[1, B, group_size * Q, L]: the mask repeated for each query head of a KV-head group;
         built once per step, used by every layer."""
         if group_size == 1:
             return self.mask
@@ -62,10 +64,31 @@ class PackedKeys:
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask over [T queries, S keys]
 
 
+class GatherScratch:
+    """Buffers for the keys and values a layer gathers, kept from step to step and reused by every
+    layer: on CPU, a fresh buffer above glibc's largest mmap threshold (32 MB: 200 conversations x
+    1,500 keys of the tiny model) came from a new mmap each time, and page-faulting it in made the
+    gather 6x slower (see processor.engine.host_memory). Holds the largest size asked for."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized [shape] tensor of `like`'s dtype and device; valid until the next take(name)."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        fits = buffer is not None and buffer.numel() >= size
+        if not fits or (buffer.dtype, buffer.device) != (like.dtype, like.device):
+            buffer = self._buffers[name] = like.new_empty(size)
+        return buffer[:size].view(shape)
+
+
 @dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's key/value is written
     groups: list[AttentionGroup]  # for the sdpa backend
+    block_size: int  # slots per cache block
+    scratch: GatherScratch  # the runner's, reused from step to step
     packed: PackedKeys | None = None  # for the flex backend
 
 
@@ -77,22 +100,60 @@ AttentionBackend = Callable[
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """kv_layer: [2, num_slots, kv_heads, head_dim]; stores the new tokens' keys and values."""
-    kv_layer[0].index_copy_(0, slot_mapping, key.to(kv_layer.dtype))
-    kv_layer[1].index_copy_(0, slot_mapping, value.to(kv_layer.dtype))
+    """kv_layer: [2, kv_heads, slots, head_dim]; stores the new tokens' keys and values ([T, kv_heads, D])."""
+    kv_layer[0].index_copy_(1, slot_mapping, key.transpose(0, 1).to(kv_layer.dtype))
+    kv_layer[1].index_copy_(1, slot_mapping, value.transpose(0, 1).to(kv_layer.dtype))
+
+
+def gather_by_head(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """cache [kv_heads, N, *row] -> out [kv_heads, len(index), *row]: rows `index` of every head.
+
+    On CPU one index_select per head along its first axis: torch copies whole rows there, where
+    selecting along axis 1 went element by element, 3x slower (200 conversations x 768 keys: 6-10 ms
+    against 18-29). On CUDA one call: a kernel launch per head would cost more than it saves.
+    """
+    if cache.is_cuda:
+        return torch.index_select(cache, 1, index, out=out)
+    for head in range(cache.shape[0]):
+        torch.index_select(cache[head], 0, index, out=out[head])
+    return out
 
 
 def read_kv(
-    kv_layer: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype
+    kv_layer: torch.Tensor, slots: torch.Tensor, scratch: GatherScratch, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values at `slots` (any shape S), as [*S, kv_heads, head_dim] in the compute dtype."""
-    # index_select on the flat slots, not kv[slots]: advanced indexing was 10x slower on CPU.
-    flat = slots.reshape(-1)
-    shape = (*slots.shape, *kv_layer.shape[2:])
-    return (
-        kv_layer[0].index_select(0, flat).view(shape).to(dtype),
-        kv_layer[1].index_select(0, flat).view(shape).to(dtype),
-    )
+    """Keys and values at `slots` ([S]), as [kv_heads, S, head_dim] in the compute dtype, in `scratch`."""
+    shape = (kv_layer.shape[1], slots.numel(), kv_layer.shape[3])
+    keys = gather_by_head(kv_layer[0], slots, scratch.take("keys", shape, kv_layer))
+    values = gather_by_head(kv_layer[1], slots, scratch.take("values", shape, kv_layer))
+    return keys.to(dtype), values.to(dtype)
+
+
+def read_kv_blocks(
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+    scratch: GatherScratch,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole blocks of `block_tables` ([B, W]), as [kv_heads, B, W * block_size, head_dim], in `scratch`.
+
+    One index per block instead of one per slot, and the result already in SDPA's layout (keys
+    contiguous per conversation and head; SDPA's CPU flash kernel took about half the time on these
+    than on keys strided by their heads).
+    """
+    kv_heads, slots, head_dim = kv_layer.shape[1:]
+    rows, width = block_tables.shape
+    flat = block_tables.reshape(-1)
+    rows_shape = (kv_heads, rows * width, block_size * head_dim)
+    shape = (kv_heads, rows, width * block_size, head_dim)
+
+    def gather(cache: torch.Tensor, name: str) -> torch.Tensor:
+        blocks = cache.view(kv_heads, slots // block_size, block_size * head_dim)
+        out = scratch.take(name, rows_shape, cache)
+        return gather_by_head(blocks, flat, out).view(shape).to(dtype)
+
+    return gather(kv_layer[0], "keys"), gather(kv_layer[1], "values")
 
 
 def sdpa_attention(
@@ -111,10 +172,10 @@ def sdpa_attention(
         group_query = query.index_select(0, group.token_rows.reshape(-1)).view(
             rows, queries, *query.shape[1:]
         )
-        group_key, group_value = read_kv(kv_layer, group.key_slots, query.dtype)  # [B, L, kv_heads, D]
-        attended = grouped_query_attention(
-            group_query, group_key.transpose(1, 2), group_value.transpose(1, 2), group, scale
-        )  # [B, Q, heads, D]
+        group_key, group_value = read_kv_blocks(
+            kv_layer, group.block_tables, batch.block_size, batch.scratch, query.dtype
+        )  # [kv_heads, B, L, D]
+        attended = grouped_query_attention(group_query, group_key, group_value, group, scale)
         attended = attended.reshape(rows * queries, *query.shape[1:])
         output.index_copy_(0, group.valid_tokens, attended.index_select(0, group.valid_flat))
     return output
@@ -123,23 +184,25 @@ def sdpa_attention(
 def grouped_query_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: AttentionGroup, scale: float
 ) -> torch.Tensor:
-    """query [B, Q, heads, D], key/value [B, kv_heads, L, D] -> [B, Q, heads, D].
+    """query [B, Q, heads, D], key/value [kv_heads, B, L, D] -> [B, Q, heads, D].
 
-    The query heads that share a KV head are folded into the query axis ([B, kv_heads, group * Q, D]),
-    so keys and values are neither copied per head nor left to SDPA's `enable_gqa`: torch's SDPA
-    dispatch lets only some CUDA kernels take GQA, and with a mask that left cuDNN's (see
-    CUDA_SDPA_BACKENDS) or the math path, which copies keys and values per head.
+    SDPA sees KV heads as its batch axis and conversations as its head axis ([kv_heads, B, ., D]), so
+    the gathered keys are used as they are, contiguous. The query heads that share a KV head are
+    folded into the query axis ([kv_heads, B, group * Q, D]), so keys and values are neither copied
+    per head nor left to SDPA's `enable_gqa`: torch's SDPA dispatch lets only some CUDA kernels take
+    GQA, and with a mask that left cuDNN's (see CUDA_SDPA_BACKENDS) or the math path, which copies
+    keys and values per head.
     """
     rows, queries, heads, head_dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads = key.shape[0]
     group_size = heads // kv_heads
     # Query head h reads KV head h // group_size (repeat_interleave order), so heads split as (kv, group).
-    folded = query.view(rows, queries, kv_heads, group_size, head_dim).permute(0, 2, 3, 1, 4)
-    folded = folded.reshape(rows, kv_heads, group_size * queries, head_dim)
-    mask = group.grouped_mask(group_size)
+    folded = query.view(rows, queries, kv_heads, group_size, head_dim).permute(2, 0, 3, 1, 4)
+    folded = folded.reshape(kv_heads, rows, group_size * queries, head_dim)
+    mask = group.grouped_mask(group_size)  # [1, B, group * Q, L], the same for every KV head
     with sdpa_kernel(CUDA_SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():
         attended = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
-    attended = attended.view(rows, kv_heads, group_size, queries, head_dim).permute(0, 3, 1, 2, 4)
+    attended = attended.view(kv_heads, rows, group_size, queries, head_dim).permute(1, 3, 0, 2, 4)
     return attended.reshape(rows, queries, heads, head_dim)
 
 
@@ -186,11 +249,13 @@ def flex_packed_attention(
     """FlexAttention over the packed tokens: no padding between short and long chunks."""
     assert batch.packed is not None, "the flex backend needs AttentionBatch.packed"
     write_kv(key, value, kv_layer, batch.slot_mapping)
-    packed_key, packed_value = read_kv(kv_layer, batch.packed.key_slots, query.dtype)  # [S, kv_heads, D]
+    packed_key, packed_value = read_kv(
+        kv_layer, batch.packed.key_slots, batch.scratch, query.dtype
+    )  # [kv_heads, S, D]
     attended = _flex_kernel(query.device.type)(
         query.transpose(0, 1)[None],
-        packed_key.transpose(0, 1)[None],
-        packed_value.transpose(0, 1)[None],
+        packed_key[None],
+        packed_value[None],
         block_mask=batch.packed.block_mask,
         scale=scale,
         enable_gqa=True,

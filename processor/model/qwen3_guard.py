@@ -149,7 +149,7 @@ class Qwen3GuardNetwork(nn.Module):
     ) -> GuardLogits:
         """token_ids, positions: [T], packed across conversations.
 
-        kv_cache: [layers, 2, slots, kv_heads, head_dim], the paged cache the attention reads and fills.
+        kv_cache: [layers, 2, kv_heads, slots, head_dim], the paged cache the attention reads and fills.
         """
         hidden = self.model.embed_tokens(token_ids)
         rotary = self.model.rotary(positions, hidden.dtype)
