@@ -5,6 +5,8 @@ lookups, a future per record), which alone capped a consume -> produce loop near
 2-core machine; appending to a `BatchBuilder` costs a few us (`python bench/pipeline.py` measures both).
 Partitions are chosen exactly as `send` would (aiokafka's DefaultPartitioner: murmur2 of the key, the
 Java client's hash), so a conversation's records land in the same partition whichever way they went.
+aiokafka's murmur2 is pure Python, 2.5 us for a 3-byte key and 14 us for a UUID here: a step publishes
+many verdicts per conversation, so each key's partition is remembered (KEY_CACHE_SIZE keys per topic).
 """
 
 from __future__ import annotations
@@ -17,22 +19,39 @@ from aiokafka.partitioner import DefaultPartitioner
 
 Record = tuple[bytes | None, bytes]  # key, value
 
+KEY_CACHE_SIZE = 65_536  # per topic; cleared whole when full (conversations come and go)
+
 
 class BatchPublisher:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._partitioner = DefaultPartitioner()
+        # topic -> (the partitions the cache was computed for, key -> partition)
+        self._key_partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
+
+    def _known_partitions(self, topic: str, all_partitions: list[int]) -> dict[bytes, int]:
+        """Keys' partitions remembered for `topic`; valid while its partition list stays the same (a
+        keyed record's partition depends on nothing else)."""
+        cached_for, known = self._key_partitions.get(topic, (None, {}))
+        if cached_for != all_partitions or len(known) >= KEY_CACHE_SIZE:
+            known = {}
+            self._key_partitions[topic] = (all_partitions, known)
+        return known
 
     async def send(self, topic: str, records: Iterable[Record]) -> list[asyncio.Future]:
         """Queue `records` (in order per partition); returns the futures of their batches."""
         producer = self._producer
         all_partitions = sorted(await producer.partitions_for(topic))
         available = sorted(producer.client.cluster.available_partitions_for_topic(topic)) or all_partitions
-        partition_of = self._partitioner
+        partition_of, known = self._partitioner, self._known_partitions(topic, all_partitions)
         builders: dict[int, object] = {}
         sent: list[asyncio.Future] = []
         for key, value in records:
-            partition = partition_of(key, all_partitions, available)
+            partition = known.get(key) if key is not None else None
+            if partition is None:
+                partition = partition_of(key, all_partitions, available)
+                if key is not None:
+                    known[key] = partition
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()

@@ -111,9 +111,11 @@ class TurnWriter:
             ids, tail = self._text.feed(state.text_tail, event.text)
             fed.add(ids, role, state.turn, content=True)
             return replace(state, text_tail=tail)
-        fed.add(self._flush_tail(state), role, state.turn, content=True)
+        if state.text_tail:  # text before these ids: its held-back tail goes first
+            fed.add(self._flush_tail(state), role, state.turn, content=True)
+            state = replace(state, text_tail="")
         fed.add(event.token_ids or [], role, state.turn, content=True)
-        return replace(state, text_tail="")
+        return state
 
     def _close(self, state: TurnState, fed: FedTokens, explicit: bool) -> TurnState:
         role = state.open_role

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 
 from processor.worker.publisher import BatchPublisher
 
@@ -78,3 +79,26 @@ async def test_a_record_larger_than_a_batch_goes_alone(kafka_bootstrap, unique_t
         large,
         b"after",
     ]
+
+
+async def test_remembered_partitions_are_per_topic(kafka_bootstrap, unique_topic):
+    """One publisher, the same keys, topics of 5 and 3 partitions: each record lands where aiokafka's
+    partitioner (what `send` uses, checked above) puts it for that topic."""
+    five, three = unique_topic("five"), unique_topic("three")
+    await create_topic(kafka_bootstrap, five, 5)
+    await create_topic(kafka_bootstrap, three, 3)
+    keys = [f"3f2b8c1e-7d4a-4c3b-9a8e-{index:012d}".encode() for index in range(40)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        publisher = BatchPublisher(producer)
+        for topic in (five, three, five):
+            await publisher.publish(topic, [(key, topic.encode()) for key in keys])
+    finally:
+        await producer.stop()
+
+    partitioner = DefaultPartitioner()
+    for topic, count in ((five, 5), (three, 3)):
+        received = await read_all(kafka_bootstrap, topic, len(keys) * (2 if topic == five else 1))
+        expected = {key: partitioner(key, list(range(count)), list(range(count))) for key in keys}
+        assert {(record.key, record.partition) for record in received} == set(expected.items())
