@@ -10,9 +10,8 @@ alert of its user turn.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from processor.engine.results import ChunkResult, HeadLabels
 from processor.model.labels import SAFE, LabelMaps, Policy, apply_policy, is_flagged
@@ -38,9 +37,18 @@ class VerdictConfig:
     policy: Policy
     mode: VerdictMode
     model_name: str
+    # Both roles' tables, built once: asked per token event (a functools.cache on the method hashed the
+    # whole config, label maps included, at every call: ~1 us).
+    _role_labels: dict[str, RoleLabels] = field(init=False, repr=False, compare=False)
 
-    @functools.cache  # noqa: B019 - a handful of configs per process, each asked per token
+    def __post_init__(self) -> None:
+        tables = {role: self._build_role_labels(role) for role in get_args(Role)}
+        object.__setattr__(self, "_role_labels", tables)  # frozen: set once, here
+
     def for_role(self, role: Role) -> RoleLabels:
+        return self._role_labels[role]
+
+    def _build_role_labels(self, role: Role) -> RoleLabels:
         level_names, category_names = self.labels.for_role(role)
         policy_levels = tuple(apply_policy(level, self.policy) for level in level_names)
         flagged = tuple(is_flagged(level, self.policy) for level in policy_levels)
