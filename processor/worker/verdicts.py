@@ -96,18 +96,6 @@ class VerdictState:
             turn_flag=NO_FLAG,
         )
 
-    def with_debounce(self, previous_flagged: bool, turn_level: str) -> VerdictState:
-        # Per assistant token whose flag changed: a constructor call costs ~60% of dataclasses.replace.
-        return VerdictState(
-            turn=self.turn,
-            previous_flagged=previous_flagged,
-            turn_level=turn_level,
-            turn_alert_position=self.turn_alert_position,
-            turn_flag=self.turn_flag,
-            conversation_flag=self.conversation_flag,
-            alert_position=self.alert_position,
-        )
-
     def with_alert(self, position: int, flag: Flag) -> VerdictState:
         state = replace(self, turn_alert_position=position, turn_flag=flag)
         if self.alert_position is None:
@@ -269,7 +257,7 @@ def _content_verdicts(
         debounced = last.flagged and state.previous_flagged
         turn_level = last.level if debounced else SAFE
         if state.previous_flagged != last.flagged or state.turn_level != turn_level:
-            state = state.with_debounce(last.flagged, turn_level)
+            state = replace(state, previous_flagged=last.flagged, turn_level=turn_level)
         if debounced:
             first_debounced = first_debounced or last
             if state.turn_alert_position is None:

@@ -148,22 +148,3 @@ def test_conversation_end_summarizes_first_alert():
     )
     end = verdicts[-1]
     assert end.kind == "conversation_end" and end.risk_level == "Unsafe" and end.alert_position == 1
-
-
-def test_with_debounce_changes_only_the_debounce_fields():
-    from dataclasses import fields, replace
-
-    from processor.worker.verdicts import Flag
-
-    state = VerdictState(
-        turn=3,
-        previous_flagged=True,
-        turn_level="Controversial",
-        turn_alert_position=17,
-        turn_flag=Flag(level="Unsafe", prob=0.9, category="Violent", category_prob=0.8),
-        conversation_flag=Flag(level="Controversial", prob=0.6),
-        alert_position=9,
-    )
-    assert all(getattr(state, item.name) != item.default for item in fields(VerdictState))  # none default
-    changed = state.with_debounce(False, "Unsafe")
-    assert changed == replace(state, previous_flagged=False, turn_level="Unsafe")
