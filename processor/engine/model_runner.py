@@ -103,18 +103,23 @@ class ModelRunner:
         )
 
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
-        """Single-token chunks in one group, longer ones in another, to bound padding."""
+        """Single-token chunks apart from longer ones, and each kind split by key length
+        (`split_by_key_length`), so that a group pads little in either direction."""
         first_rows, row = [], 0
         for chunk in chunks:
             first_rows.append(row)
             row += chunk.length
         streaming = [index for index, chunk in enumerate(chunks) if chunk.length == 1]
         prompts = [index for index, chunk in enumerate(chunks) if chunk.length > 1]
-        return [
-            self._group([chunks[index] for index in members], [first_rows[index] for index in members])
-            for members in (streaming, prompts)
-            if members
-        ]
+        groups = []
+        for kind in (streaming, prompts):
+            widths = [
+                self.blocks.blocks_for(chunks[index].start_position + chunks[index].length) for index in kind
+            ]
+            for members in split_by_key_length(widths):
+                chosen = [kind[member] for member in members]
+                groups.append(self._group([chunks[i] for i in chosen], [first_rows[i] for i in chosen]))
+        return groups
 
     def _group(self, chunks: list[ScheduledChunk], first_rows: list[int]) -> AttentionGroup:
         block_size = self.blocks.block_size
@@ -152,3 +157,28 @@ class ModelRunner:
             valid_tokens += range(row, row + chunk.length)
         valid_flat, valid_tokens = self._to_device(valid_flat), self._to_device(valid_tokens)
         return AttentionGroup(token_rows, valid_flat, valid_tokens, block_tables, mask[None])
+
+
+# A group's widest member may read at most this many times the key blocks of its narrowest...
+KEY_LENGTH_SPREAD = 2
+# ...unless the whole group is this narrow: below it, padding costs less than another group's ops.
+KEY_BLOCKS_UNSPLIT = 8
+
+
+def split_by_key_length(widths: list[int]) -> list[list[int]]:
+    """Indexes of `widths` (key blocks per chunk) in runs of similar width, narrowest first.
+
+    Every chunk of a group is padded to the group's widest: one 4,000-token conversation among 200 of
+    100 tokens made every streaming step 7x slower on CPU (tiny model: 23 -> 170 ms). Runs bound that
+    to KEY_LENGTH_SPREAD, at the price of one group (a few ops per layer) per run.
+    """
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    runs: list[list[int]] = []
+    for index in order:
+        if runs:
+            narrowest = widths[runs[-1][0]]
+            if widths[index] <= max(KEY_LENGTH_SPREAD * narrowest, KEY_BLOCKS_UNSPLIT):
+                runs[-1].append(index)
+                continue
+        runs.append([index])
+    return runs

@@ -1,0 +1,32 @@
+"""How the model runner splits a step's chunks into attention groups by key length."""
+
+from __future__ import annotations
+
+import random
+
+from processor.engine.model_runner import KEY_BLOCKS_UNSPLIT, KEY_LENGTH_SPREAD, split_by_key_length
+
+
+def test_similar_widths_stay_one_group():
+    assert split_by_key_length([5, 7, 6, 7]) == [[0, 2, 1, 3]]
+    assert split_by_key_length([1, KEY_BLOCKS_UNSPLIT]) == [[0, 1]]  # narrow groups are not split
+
+
+def test_one_long_conversation_gets_a_group_of_its_own():
+    widths = [7] * 200 + [250]
+    assert split_by_key_length(widths) == [list(range(200)), [200]]
+
+
+def test_every_index_once_and_no_group_wider_than_the_spread_allows():
+    rng = random.Random(5)
+    for _ in range(200):
+        widths = [rng.choice([1, 2, 3, 9, 17, 40, 41, 300]) for _ in range(rng.randint(1, 40))]
+        runs = split_by_key_length(widths)
+        assert sorted(index for run in runs for index in run) == list(range(len(widths)))
+        for run in runs:
+            narrowest, widest = min(widths[i] for i in run), max(widths[i] for i in run)
+            assert widest <= max(KEY_LENGTH_SPREAD * narrowest, KEY_BLOCKS_UNSPLIT)
+
+
+def test_no_input_no_groups():
+    assert split_by_key_length([]) == []
