@@ -131,24 +131,29 @@ def streaming(
     rng: random.Random,
     label: str,
     one_at_a_time: bool = False,
+    last_context: int | None = None,
 ) -> Row:
-    """B / C: conversations primed with `context` tokens, then `new_tokens` each, one token per step."""
-    engine = make_engine(model, conversations, context + new_tokens)
-    streams = {f"c{index}": random_tokens(rng, context + new_tokens) for index in range(conversations)}
-    for conversation_id, stream in streams.items():
-        engine.submit(conversation_id, stream[:context])
+    """B / C: conversations primed with `context` tokens (the last one with `last_context`, when
+    given: a ragged batch), then `new_tokens` each, one token per step."""
+    primes = [context] * conversations
+    if last_context is not None:
+        primes[-1] = last_context
+    engine = engine_for_tokens(model, sum(primes) + conversations * (new_tokens + 16), conversations)
+    streams = {f"c{index}": random_tokens(rng, prime + new_tokens) for index, prime in enumerate(primes)}
+    for (conversation_id, stream), prime in zip(streams.items(), primes, strict=True):
+        engine.submit(conversation_id, stream[:prime])
     engine.run_until_idle()
     synchronize(model)
     started = time.perf_counter()
     if one_at_a_time:
-        for conversation_id, stream in streams.items():
-            for position in range(context, context + new_tokens):
+        for (conversation_id, stream), prime in zip(streams.items(), primes, strict=True):
+            for position in range(prime, prime + new_tokens):
                 engine.submit(conversation_id, [stream[position]])
                 engine.run_until_idle()
     else:
-        for position in range(context, context + new_tokens):
-            for conversation_id, stream in streams.items():
-                engine.submit(conversation_id, [stream[position]])
+        for step in range(new_tokens):
+            for (conversation_id, stream), prime in zip(streams.items(), primes, strict=True):
+                engine.submit(conversation_id, [stream[prime + step]])
             engine.run_until_idle()
     synchronize(model)
     return Row(label, conversations, context, conversations * new_tokens, time.perf_counter() - started)
@@ -237,7 +242,16 @@ def main(argv: list[str] | None = None) -> int:
             rng,
             f"C engine, context {args.long_context}",
         )
-        rows += [short, long]
+        ragged = streaming(
+            model,
+            64,
+            64,
+            args.new_tokens,
+            rng,
+            f"C ragged: 1 of 64 at context {args.long_context}",
+            last_context=args.long_context,
+        )
+        rows += [short, long, ragged]
 
     by_label = {(row.variant, row.conversations): row for row in rows}
     hub, single = rows[0], rows[1]
@@ -246,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "C64_over_B": c64.tokens_per_second / single.tokens_per_second if c64 else None,
         "C64_over_A_1000": c64.tokens_per_second / hub.tokens_per_second if c64 else None,
         "long_over_short_cost": long.ms_per_token / short.ms_per_token,
+        # One long conversation among 63 short ones, against 64 short: what padding to it would cost.
+        "ragged_over_uniform_cost": ragged.ms_per_token / c64.ms_per_token if c64 else None,
     }
     threads = torch.get_num_threads()
     print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}", end=" ")
