@@ -24,6 +24,11 @@ from processor.model.attention import (
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import HEAD_NAMES, GuardLogits
 
+# A group's widest member may read at most this many times the key blocks of its narrowest...
+KEY_LENGTH_SPREAD = 2
+# ...unless the whole group is this narrow: below it, padding costs less than another group's ops.
+KEY_BLOCKS_UNSPLIT = 8
+
 
 @dataclass
 class StepOutput:
@@ -157,12 +162,6 @@ class ModelRunner:
             valid_tokens += range(row, row + chunk.length)
         valid_flat, valid_tokens = self._to_device(valid_flat), self._to_device(valid_tokens)
         return AttentionGroup(token_rows, valid_flat, valid_tokens, block_tables, mask[None])
-
-
-# A group's widest member may read at most this many times the key blocks of its narrowest...
-KEY_LENGTH_SPREAD = 2
-# ...unless the whole group is this narrow: below it, padding costs less than another group's ops.
-KEY_BLOCKS_UNSPLIT = 8
 
 
 def split_by_key_length(widths: list[int]) -> list[list[int]]:
