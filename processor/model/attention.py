@@ -120,12 +120,16 @@ def gather_by_head(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) 
 
 
 def read_kv(
-    kv_layer: torch.Tensor, slots: torch.Tensor, scratch: GatherScratch, dtype: torch.dtype
+    kv_layer: torch.Tensor, index: torch.Tensor, scratch: GatherScratch, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values at `slots` ([S]), as [kv_heads, S, head_dim] in the compute dtype, in `scratch`."""
-    shape = (kv_layer.shape[1], slots.numel(), kv_layer.shape[3])
-    keys = gather_by_head(kv_layer[0], slots, scratch.take("keys", shape, kv_layer))
-    values = gather_by_head(kv_layer[1], slots, scratch.take("values", shape, kv_layer))
+    """Keys and values at `index` of the cache's row axis, in `scratch`, in the compute dtype.
+
+    kv_layer [2, kv_heads, N, *row] -> two [kv_heads, len(index), *row] (rows are slots here, whole
+    blocks for `read_kv_blocks`).
+    """
+    shape = (kv_layer.shape[1], index.numel(), *kv_layer.shape[3:])
+    keys = gather_by_head(kv_layer[0], index, scratch.take("keys", shape, kv_layer))
+    values = gather_by_head(kv_layer[1], index, scratch.take("values", shape, kv_layer))
     return keys.to(dtype), values.to(dtype)
 
 
@@ -144,16 +148,10 @@ def read_kv_blocks(
     """
     kv_heads, slots, head_dim = kv_layer.shape[1:]
     rows, width = block_tables.shape
-    flat = block_tables.reshape(-1)
-    rows_shape = (kv_heads, rows * width, block_size * head_dim)
+    blocks = kv_layer.view(2, kv_heads, slots // block_size, block_size * head_dim)
+    keys, values = read_kv(blocks, block_tables.reshape(-1), scratch, dtype)
     shape = (kv_heads, rows, width * block_size, head_dim)
-
-    def gather(cache: torch.Tensor, name: str) -> torch.Tensor:
-        blocks = cache.view(kv_heads, slots // block_size, block_size * head_dim)
-        out = scratch.take(name, rows_shape, cache)
-        return gather_by_head(blocks, flat, out).view(shape).to(dtype)
-
-    return gather(kv_layer[0], "keys"), gather(kv_layer[1], "values")
+    return keys.view(shape), values.view(shape)
 
 
 def sdpa_attention(

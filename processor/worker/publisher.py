@@ -47,11 +47,12 @@ class BatchPublisher:
         builders: dict[int, object] = {}
         sent: list[asyncio.Future] = []
         for key, value in records:
-            partition = known.get(key) if key is not None else None
-            if partition is None:
+            if key is None:  # aiokafka picks at random: nothing to remember
                 partition = partition_of(key, all_partitions, available)
-                if key is not None:
-                    known[key] = partition
+            else:
+                partition = known.get(key)
+                if partition is None:
+                    partition = known[key] = partition_of(key, all_partitions, available)
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()
