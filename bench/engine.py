@@ -183,6 +183,36 @@ def mixed_load(model: GuardModel, streamers: int, prompts: int, steps: int, rng:
     return Row(label, streamers, 64, tokens, time.perf_counter() - started)
 
 
+def uneven_steps(
+    model: GuardModel, conversations: int, context: int, steps: int, rng: random.Random
+) -> tuple[Row, Row]:
+    """Steps like a worker's under load, every conversation bringing 1 to 9 tokens, with queries
+    padded to the step's longest (one group) and grouped by powers of two (the CPU default),
+    alternating step by step in one engine so that both see the same machine and contexts."""
+    engine = make_engine(model, conversations, context + 9 * 2 * steps)
+    streams = {f"w{index}": random_tokens(rng, context) for index in range(conversations)}
+    for conversation_id, stream in streams.items():
+        engine.submit(conversation_id, stream)
+    engine.run_until_idle()
+    seconds, tokens = {True: 0.0, False: 0.0}, {True: 0, False: 0}
+    for step in range(2 * steps):
+        by_powers_of_two = step % 2 == 0
+        engine.runner.query_classes_by_powers_of_two = by_powers_of_two
+        for conversation_id in streams:
+            length = rng.randint(1, 9)
+            engine.submit(conversation_id, random_tokens(rng, length))
+            tokens[by_powers_of_two] += length
+        synchronize(model)
+        started = time.perf_counter()
+        engine.run_until_idle()
+        synchronize(model)
+        seconds[by_powers_of_two] += time.perf_counter() - started
+    return tuple(
+        Row(f"C uneven steps, {label}", conversations, context, tokens[key], seconds[key])
+        for key, label in ((False, "padded to longest"), (True, "query classes"))
+    )
+
+
 def peak_memory_bytes(model: GuardModel) -> int | None:
     if model.device.type == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -252,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             last_context=args.long_context,
         )
         rows += [short, long, ragged]
+        padded, classes = uneven_steps(model, 64, 768, 12, rng)
+        rows += [padded, classes]
 
     by_label = {(row.variant, row.conversations): row for row in rows}
     hub, single = rows[0], rows[1]
@@ -262,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "long_over_short_cost": long.ms_per_token / short.ms_per_token,
         # One long conversation among 63 short ones, against 64 short: what padding to it would cost.
         "ragged_over_uniform_cost": ragged.ms_per_token / c64.ms_per_token if c64 else None,
+        # Uneven steps with queries padded to the step's longest, against grouped by powers of two.
+        "padded_over_query_classes_cost": padded.ms_per_token / classes.ms_per_token,
     }
     threads = torch.get_num_threads()
     print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}", end=" ")

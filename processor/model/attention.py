@@ -32,10 +32,11 @@ CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 class AttentionGroup:
     """Conversations padded to a common query length and key length.
 
-    The runner puts single-token (streaming) conversations in one group and multi-token (prompt,
-    backlog, rebuild) conversations in another, so one long prompt doesn't pad hundreds of
-    one-token rows to its length. Keys are read by whole cache blocks (L = table width x block size):
-    a block is one contiguous run per KV head, so the gather copies runs instead of single slots.
+    The runner groups conversations by how many new tokens they bring (single-token streaming
+    ones apart, the rest in power-of-two classes) and then by key length, so that one long prompt
+    doesn't pad hundreds of one-token rows to its length. Keys are read by whole cache blocks
+    (L = table width x block size): a block is one contiguous run per KV head, so the gather copies
+    runs instead of single slots.
     """
 
     token_rows: torch.Tensor  # [B, Q] index into the step's packed tokens (padding -> 0)

@@ -1,10 +1,15 @@
-"""How the model runner splits a step's chunks into attention groups by key length."""
+"""How the model runner splits a step's chunks into attention groups by query and key length."""
 
 from __future__ import annotations
 
 import random
 
-from processor.engine.model_runner import KEY_BLOCKS_UNSPLIT, KEY_LENGTH_SPREAD, split_by_key_length
+from processor.engine.model_runner import (
+    KEY_BLOCKS_UNSPLIT,
+    KEY_LENGTH_SPREAD,
+    split_by_key_length,
+    split_by_query_length,
+)
 
 
 def test_similar_widths_stay_one_group():
@@ -30,3 +35,24 @@ def test_every_index_once_and_no_group_wider_than_the_spread_allows():
 
 def test_no_input_no_groups():
     assert split_by_key_length([]) == []
+
+
+def test_streaming_chunks_never_share_a_group_with_longer_ones():
+    assert split_by_query_length([1, 2, 1, 512, 1]) == [[0, 2, 4], [1], [3]]
+    assert split_by_query_length([1, 2, 1, 512, 1], by_powers_of_two=False) == [[0, 2, 4], [1, 3]]
+
+
+def test_query_classes_cover_every_chunk_once_within_twice_the_shortest():
+    rng = random.Random(7)
+    for _ in range(200):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 60))]
+        classes = split_by_query_length(lengths)
+        assert sorted(index for members in classes for index in members) == list(range(len(lengths)))
+        for members in classes:
+            shortest, longest = min(lengths[i] for i in members), max(lengths[i] for i in members)
+            assert longest <= 2 * shortest and (shortest == 1) <= (longest == 1)
+        # Classes come shortest first, each holding its members in step order.
+        assert all(members == sorted(members) for members in classes)
+        assert [max(lengths[i] for i in m) for m in classes] == sorted(
+            max(lengths[i] for i in m) for m in classes
+        )
