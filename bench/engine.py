@@ -207,10 +207,9 @@ def uneven_steps(
         engine.run_until_idle()
         synchronize(model)
         seconds[by_powers_of_two] += time.perf_counter() - started
-    return tuple(
-        Row(f"C uneven steps, {label}", conversations, context, tokens[key], seconds[key])
-        for key, label in ((False, "padded to longest"), (True, "query classes"))
-    )
+    padded = Row("C uneven steps, padded to longest", conversations, context, tokens[False], seconds[False])
+    grouped = Row("C uneven steps, query classes", conversations, context, tokens[True], seconds[True])
+    return padded, grouped
 
 
 def peak_memory_bytes(model: GuardModel) -> int | None:

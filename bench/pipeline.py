@@ -527,7 +527,7 @@ async def one_rate(
     acked_seconds = time.perf_counter() - started
     await wait_until(lambda: tally.answered >= total, args.answer_timeout, worker)
     cpu_after = cpu_seconds(worker)
-    harness_seconds = time.process_time() - harness_before
+    harness_after = time.process_time()
     machine_after, span_seconds = machine_busy_seconds(), time.time() - span_started
     stages = stage_means(stages_before, await stage_totals(worker))
     elapsed = (tally.last_at - started_wall) if tally.last_at else None
@@ -558,7 +558,7 @@ async def one_rate(
         "worker_cpu_us_per_event": cpu_us_per_event(cpu_before, cpu_after, tally.answered),
         # This process (generator and verdict reader) over the same span: what the harness takes from
         # the cores the worker shares.
-        "harness_cpu_us_per_event": cpu_us_per_event(0.0, harness_seconds, tally.answered),
+        "harness_cpu_us_per_event": cpu_us_per_event(harness_before, harness_after, tally.answered),
         # Every process of the machine (worker, harness, broker, Redis, the rest) over the same span.
         "machine_cpu_us_per_event": cpu_us_per_event(machine_before, machine_after, tally.answered),
         "machine_cores_busy": (
