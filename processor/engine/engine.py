@@ -7,6 +7,7 @@ scheduler and returns the requests it completed. The asyncio front (`async_engin
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ from processor.engine.model_runner import ModelRunner
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
 from processor.engine.scheduler import ScheduledChunk, Scheduler
 from processor.engine.sequence import ChunkRequest, Conversation
-from processor.model.attention import get_attention_backend
+from processor.model.attention import get_attention_backend, resolve_attention_backend
 from processor.model.loader import GuardModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class EngineConfig:
     kv_cache_fraction: float | None = 0.6
     max_batch_tokens: int = 2048
     max_batch_conversations: int = 512
-    attention_backend: str = "sdpa"
+    # "auto": the C paged-attention kernel on a CPU in float32 (when it builds), SDPA elsewhere.
+    attention_backend: str = "auto"
     keep_probabilities: bool = False  # per-class probabilities in results (`score --all-heads`)
 
 
@@ -70,9 +74,11 @@ class GuardEngine:
         kv_cache = allocate_kv_cache(
             model.config, num_blocks, self.config.block_size, model.device, model.dtype
         )
-        self.runner = ModelRunner(
-            model, kv_cache, self.blocks, get_attention_backend(self.config.attention_backend)
+        self.attention_backend = resolve_attention_backend(
+            self.config.attention_backend, model.device, model.dtype
         )
+        log.info("attention backend: %s", self.attention_backend)
+        self.runner = ModelRunner(model, kv_cache, self.blocks, get_attention_backend(self.attention_backend))
         self.scheduler = Scheduler(
             self.blocks, self.config.max_batch_tokens, self.config.max_batch_conversations, self._evict
         )

@@ -18,8 +18,10 @@ from processor.model.attention import (
     AttentionGroup,
     GatherScratch,
     PackedKeys,
+    PagedChunks,
     flex_packed_attention,
     packed_keys,
+    paged_cpu_attention,
 )
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import HEAD_NAMES, GuardLogits
@@ -70,11 +72,14 @@ class ModelRunner:
             positions += chunk_positions
             slots += (self.blocks.slot(table, position) for position in chunk_positions)
         as_tensor = self._to_device
+        groups, packed, paged = [], None, None
         if self.attend is flex_packed_attention:
-            groups, packed = [], self._packed_keys(chunks)
+            packed = self._packed_keys(chunks)
+        elif self.attend is paged_cpu_attention:
+            paged = self._paged_chunks(chunks)
         else:
-            groups, packed = self._attention_groups(chunks), None
-        batch = AttentionBatch(as_tensor(slots), groups, self.blocks.block_size, self.scratch, packed)
+            groups = self._attention_groups(chunks)
+        batch = AttentionBatch(as_tensor(slots), groups, self.blocks.block_size, self.scratch, packed, paged)
         logits = self.model.network(
             as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend
         )
@@ -108,6 +113,20 @@ class ModelRunner:
             as_tensor(key_slots),
             as_tensor(key_owner),
             as_tensor(key_positions),
+        )
+
+    def _paged_chunks(self, chunks: list[ScheduledChunk]) -> PagedChunks:
+        rows, tables, row, max_context = [], [], 0, 0
+        for chunk in chunks:
+            context = chunk.start_position + chunk.length
+            rows.append((row, chunk.start_position, chunk.length, len(tables)))
+            tables += chunk.conversation.block_table[: self.blocks.blocks_for(context)]
+            row, max_context = row + chunk.length, max(max_context, context)
+        return PagedChunks(
+            torch.tensor(rows, dtype=torch.long),
+            torch.tensor(tables, dtype=torch.long),
+            max(chunk.length for chunk in chunks),
+            max_context,
         )
 
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:

@@ -7,7 +7,10 @@ nothing else. How the step's tokens map to conversations and slots is described 
 
 Backends are swappable: "sdpa" gathers each group's keys into a padded block and calls
 scaled_dot_product_attention with a mask (portable, CPU and CUDA); "flex" runs FlexAttention on the
-packed tokens (CUDA, no padding). Both must give the same results (tests compare them).
+packed tokens (CUDA, no padding); "paged_cpu" runs our C kernel over the paged cache in place (CPU,
+float32; see processor/model/kernels/paged_attention.c). All must give the same results (tests
+compare them). A cache is written and read by one backend: "paged_cpu" stores keys transposed
+within their blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from processor.model import cpu_kernel
 
 # SDPA kernels allowed on CUDA. cuDNN's is left out: it builds an execution plan for every new shape,
 # and a streaming step's shape changes every step (measured on an H200: 1.4-1.8 ms of host time per
@@ -85,12 +90,24 @@ class GatherScratch:
 
 
 @dataclass
+class PagedChunks:
+    """For the paged_cpu backend: each chunk's place in the step and its block table, as the kernel
+    reads them."""
+
+    chunks: torch.Tensor  # [C, 4] int64: first packed row, first position, length, offset into tables
+    tables: torch.Tensor  # [sum of table widths] int64: every chunk's blocks, end to end
+    max_length: int  # longest chunk (new tokens)
+    max_context: int  # longest chunk's context (keys), for the kernel's scratch
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's key/value is written
     groups: list[AttentionGroup]  # for the sdpa backend
     block_size: int  # slots per cache block
     scratch: GatherScratch  # the runner's, reused from step to step
     packed: PackedKeys | None = None  # for the flex backend
+    paged: PagedChunks | None = None  # for the paged_cpu backend
 
 
 AttentionBackend = Callable[
@@ -262,7 +279,60 @@ def flex_packed_attention(
     return attended[0].transpose(0, 1)
 
 
-ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention, "flex": flex_packed_attention}
+def paged_cpu_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_layer: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """The C kernel over the paged cache: no gather, no padding, no mask (CPU, float32)."""
+    assert batch.paged is not None, "the paged_cpu backend needs AttentionBatch.paged"
+    kernel = cpu_kernel.load()
+    if kernel is None:
+        raise cpu_kernel.KernelUnavailableError("the CPU paged-attention kernel could not be built here")
+    paged = batch.paged
+    heads, head_dim = query.shape[1:]
+    size = kernel.scratch_floats(
+        heads, kv_layer.shape[1], head_dim, batch.block_size, paged.max_length, paged.max_context
+    )
+    scratch = functools.partial(_paged_scratch, batch.scratch, size, kv_layer)
+    return kernel.attend(
+        query,
+        key,
+        value,
+        kv_layer,
+        batch.slot_mapping,
+        paged.chunks,
+        paged.tables,
+        batch.block_size,
+        scale,
+        scratch,
+    )
+
+
+def _paged_scratch(scratch: GatherScratch, size: int, like: torch.Tensor, part: int) -> torch.Tensor:
+    return scratch.take(f"paged-{part}", (size,), like)  # one buffer per thread
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "sdpa": sdpa_attention,
+    "flex": flex_packed_attention,
+    "paged_cpu": paged_cpu_attention,
+}
+
+
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`name`, or for "auto" the fastest that runs here: the C kernel on a CPU in float32 when it
+    builds, SDPA otherwise. A backend that cannot run on this device or dtype is an error."""
+    if name == "auto":
+        usable = device.type == "cpu" and dtype == torch.float32 and cpu_kernel.load() is not None
+        return "paged_cpu" if usable else "sdpa"
+    get_attention_backend(name)  # known?
+    if name == "paged_cpu" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"the paged_cpu attention backend runs on the CPU in float32, not {device} {dtype}")
+    return name
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

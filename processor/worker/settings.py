@@ -84,6 +84,11 @@ class WorkerSettings(BaseSettings):
         le=1,
         description="Share of free GPU memory for the KV cache after the model loads.",
     )
+    attention_backend: Literal["auto", "sdpa", "flex", "paged_cpu"] = Field(
+        default="auto",
+        description="auto: the C paged-attention kernel on a CPU in float32 (built with the machine's "
+        "C compiler on first start; SDPA without one), SDPA on a GPU.",
+    )
     max_batch_tokens: int = Field(default=8192, ge=1)
     max_batch_conversations: int = Field(default=512, ge=1)
     poll_max_records: int = Field(default=2000, ge=1, description="Records per consumer poll (one step).")

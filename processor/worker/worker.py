@@ -529,6 +529,7 @@ def engine_config(settings: WorkerSettings) -> EngineConfig:
         kv_cache_fraction=None if settings.kv_cache_bytes else settings.kv_cache_fraction,
         max_batch_tokens=settings.max_batch_tokens,
         max_batch_conversations=settings.max_batch_conversations,
+        attention_backend=settings.attention_backend,
     )
 
 

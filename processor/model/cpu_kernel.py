@@ -1,0 +1,216 @@
+"""Builds and loads the CPU paged-attention kernel (`kernels/paged_attention.c`, where its reasons are).
+
+It is compiled with the machine's C compiler (`$CC`, else `cc`) on first use, for this CPU
+(-march=native), into a cache folder keyed by the source, the flags and the CPU's features
+(`$GUARDSTREAM_KERNEL_CACHE`, else `~/.cache/guardstream/kernels`), and loaded with ctypes, which
+releases the GIL while the kernel runs. Without a compiler `load()` returns None (saying why once in
+the log) and the engine keeps the portable SDPA backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "paged_attention.c"
+# -ffast-math for the vectorized expf of glibc's libmvec (its headers declare it only then). Compiled
+# and linked in two steps: linking with -ffast-math adds crtfastmath.o, which would set flush-to-zero
+# for the whole process, torch included.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11")
+LINK_FLAGS = ("-shared", "-lm")
+
+_int, _pointer = ctypes.c_int64, ctypes.c_void_p
+
+
+class KernelUnavailableError(RuntimeError):
+    """The kernel could not be built or loaded here (no compiler, a failed build)."""
+
+
+class PagedAttentionKernel:
+    """The compiled kernel, called on torch tensors. It uses as many threads as torch does: a
+    step's chunks are split into runs of about equal work, one per thread (ctypes lets go of the
+    GIL, so they run at once)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._write = library.paged_kv_write_f32
+        self._write.restype = None
+        self._write.argtypes = [
+            *(_pointer,) * 3,  # key, value, kv
+            *(_int,) * 5,  # slots, tokens, kv_heads, head_dim, block_size
+            _pointer,  # slot_mapping
+        ]
+        self._attend = library.paged_attention_f32
+        self._attend.restype = None
+        self._attend.argtypes = [
+            *(_pointer,) * 3,  # query, out, kv
+            *(_int,) * 5,  # slots, heads, kv_heads, head_dim, block_size
+            _pointer,  # chunks
+            _int,  # chunk count
+            _pointer,  # tables
+            ctypes.c_float,  # scale
+            _pointer,  # scratch
+        ]
+        self._scratch_floats = library.paged_attention_scratch_floats
+        self._scratch_floats.restype = _int
+        self._scratch_floats.argtypes = [_int] * 6
+        self._pool: ThreadPoolExecutor | None = None
+
+    def scratch_floats(
+        self, heads: int, kv_heads: int, head_dim: int, block_size: int, max_length: int, max_context: int
+    ) -> int:
+        """Floats of scratch one thread needs for chunks up to these sizes."""
+        return self._scratch_floats(heads, kv_heads, head_dim, block_size, max_length, max_context)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        chunks: torch.Tensor,
+        tables: torch.Tensor,
+        block_size: int,
+        scale: float,
+        scratch: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        """Writes the new keys and values into `kv_layer`, returns the attention output [T, heads, D].
+
+        query [T, heads, D], key/value [T, kv_heads, D], kv_layer [2, kv_heads, slots, D] (float32,
+        contiguous, keys transposed within their blocks); chunks [C, 4] and tables int64, as the C
+        source describes. `scratch(part)` gives part's float32 buffer of at least `scratch_floats(...)`.
+        """
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        tokens, heads, head_dim = query.shape
+        kv_heads, slots = kv_layer.shape[1], kv_layer.shape[2]
+        self._write(
+            key.data_ptr(),
+            value.data_ptr(),
+            kv_layer.data_ptr(),
+            slots,
+            tokens,
+            kv_heads,
+            head_dim,
+            block_size,
+            slot_mapping.data_ptr(),
+        )
+        out = torch.empty_like(query)
+
+        def run(part: int, first: int, last: int) -> None:
+            self._attend(
+                query.data_ptr(),
+                out.data_ptr(),
+                kv_layer.data_ptr(),
+                slots,
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                chunks[first].data_ptr(),
+                last - first,
+                tables.data_ptr(),
+                scale,
+                scratch(part).data_ptr(),
+            )
+
+        parts = split_by_work(chunks, torch.get_num_threads())
+        if len(parts) == 1:
+            run(0, *parts[0])
+        else:
+            if self._pool is None or self._pool._max_workers < len(parts):
+                self._pool = ThreadPoolExecutor(len(parts), thread_name_prefix="paged-attention")
+            for done in [self._pool.submit(run, part, *bounds) for part, bounds in enumerate(parts)]:
+                done.result()
+        return out
+
+
+def split_by_work(chunks: torch.Tensor, parts: int) -> list[tuple[int, int]]:
+    """Runs [first, last) of `chunks` ([C, 4]: row, start, length, table) of about equal work (new
+    tokens x context), at most `parts` of them."""
+    count = chunks.shape[0]
+    if parts <= 1 or count <= 1:
+        return [(0, count)]
+    lengths = chunks[:, 2]
+    work = (lengths * (chunks[:, 1] + lengths)).cumsum(0).tolist()
+    bounds, first = [], 0
+    for part in range(1, parts):
+        target = work[-1] * part / parts
+        last = max(first + 1, next((i + 1 for i in range(first, count) if work[i] >= target), count))
+        if last >= count:
+            break
+        bounds.append((first, last))
+        first = last
+    return [*bounds, (first, count)]
+
+
+@functools.cache  # built and loaded once per process
+def load() -> PagedAttentionKernel | None:
+    """The kernel, built if needed; None when this machine cannot build it (logged once)."""
+    try:
+        return PagedAttentionKernel(ctypes.CDLL(str(build())))
+    except (KernelUnavailableError, OSError) as error:
+        log.warning("CPU paged-attention kernel unavailable (%s); using the portable SDPA backend", error)
+        return None
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """The kernel's shared library for this source, flags and CPU; compiled when not in the cache."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise KernelUnavailableError(f"no C compiler ({compiler!r} not found; install gcc or set CC)")
+    source = SOURCE.read_bytes()
+    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
+    key = hashlib.sha256(b"\0".join([source, flags, compiler.encode(), _cpu_features()])).hexdigest()[:16]
+    cache_dir = cache_dir or _cache_dir()
+    library = cache_dir / f"paged_attention-{key}.so"
+    if library.exists():
+        return library
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+        obj, built = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
+        _run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+        _run([compiler, str(obj), "-o", str(built), *LINK_FLAGS])
+        os.replace(built, library)  # atomic: workers starting together never load half a file
+    log.info("built the CPU paged-attention kernel: %s", library)
+    return library
+
+
+def _run(command: list[str]) -> None:
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    except subprocess.CalledProcessError as error:
+        raise KernelUnavailableError(f"{' '.join(command)} failed: {error.stderr.strip()[-2000:]}") from None
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise KernelUnavailableError(f"{' '.join(command)} failed: {error}") from None
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("GUARDSTREAM_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "guardstream" / "kernels"
+
+
+def _cpu_features() -> bytes:
+    """-march=native builds for this CPU: a cache shared between machines must not mix them up."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.encode()
+    except OSError:
+        pass
+    return os.uname().machine.encode()

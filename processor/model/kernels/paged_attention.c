@@ -1,0 +1,175 @@
+/* Paged attention for a ragged batch of conversations, on the CPU, in float32.
+ *
+ * Why our own kernel: on the CPU the portable path copies every conversation's keys and values out of
+ * the paged cache into a padded block (gather), builds an additive mask, and runs SDPA over it, so
+ * each step reads the whole history three times; torch has no paged attention for the CPU, and the
+ * libraries that do (vLLM's CPU build, Intel's extension) are not installable dependencies here.
+ * This kernel reads each key and value block once, in place, through the block table.
+ *
+ * Layout (one layer): kv [2][kv_heads][slots][D], slot = block * block_size + offset. Values are
+ * stored as rows ([block_size][D] per block and head); keys TRANSPOSED within their block
+ * ([D][block_size]), so that the scores of a query against a block's keys are block_size-wide
+ * vector FMAs instead of one horizontal sum per key. A cache written by this kernel is read only
+ * by this kernel (the engine fixes one attention backend per cache).
+ *
+ * Built by processor/model/cpu_kernel.py with -O3 -march=native -ffast-math (vectorized expf from
+ * glibc's libmvec), compiled and linked in two steps so that crtfastmath.o (flush-to-zero for the
+ * whole process) is never linked in.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16 /* one AVX-512 register of floats; also fine for AVX2 (two) */
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Bring a block (bytes) towards the cache ahead of use: blocks sit anywhere in a large cache, and
+ * without this every block start waited on memory. */
+static inline void prefetch_block(const float *block, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)block + offset);
+}
+
+/* Store the step's new keys (transposed within their block) and values at their slots; key/value
+ * [tokens][kv_heads][D]. */
+void paged_kv_write_f32(const float *restrict key, const float *restrict value, float *restrict kv, int64_t slots,
+                        int64_t tokens, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict slot_mapping) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const int64_t slot = slot_mapping[t], block = slot / bs, offset = slot % bs;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const float *k = key + (t * kv_heads + h) * D, *v = value + (t * kv_heads + h) * D;
+            float *key_block = kv + h * slots * D + block * bs * D;
+            float *value_row = kv + (kv_heads + h) * slots * D + slot * D;
+            for (int64_t d = 0; d < D; d++) key_block[d * bs + offset] = k[d];
+            memcpy(value_row, v, D * sizeof(float));
+        }
+    }
+}
+
+/* GCC/Clang vector extension: LANES floats kept in registers (one AVX-512 register, two AVX2 ones);
+ * the unaligned twin loads and stores at any float address. */
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+typedef float lanes_unaligned_t __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
+
+static inline lanes_t load_lanes(const float *from) { return *(const lanes_unaligned_t *)from; }
+static inline void store_lanes(float *to, lanes_t value) { *(lanes_unaligned_t *)to = value; }
+
+/* scores[0 .. bs) of one query row against one transposed key block ([D][bs]). */
+static inline void block_scores(const float *restrict q, const float *restrict key_block, int64_t D, int64_t bs,
+                                float *restrict scores) {
+    int64_t j1 = 0;
+    for (; j1 + LANES <= bs; j1 += LANES) {
+        lanes_t even = {0}, odd = {0}; /* two chains: an FMA's latency, not its throughput, bounds one */
+        int64_t d = 0;
+        for (; d + 1 < D; d += 2) {
+            even += q[d] * load_lanes(key_block + d * bs + j1);
+            odd += q[d + 1] * load_lanes(key_block + (d + 1) * bs + j1);
+        }
+        if (d < D) even += q[d] * load_lanes(key_block + d * bs + j1);
+        store_lanes(scores + j1, even + odd);
+    }
+    for (; j1 < bs; j1++) { /* blocks narrower than LANES */
+        float sum = 0.0f;
+        for (int64_t d = 0; d < D; d++) sum += q[d] * key_block[d * bs + j1];
+        scores[j1] = sum;
+    }
+}
+
+/* acc[0 .. D) += sum over the block's first `count` keys of p[jj] * value row jj ([bs][D]). */
+static inline void block_values(const float *restrict p, const float *restrict value_block, int64_t count, int64_t D,
+                                float *restrict acc) {
+    int64_t d0 = 0;
+    for (; d0 + LANES <= D; d0 += LANES) {
+        lanes_t even = load_lanes(acc + d0), odd = {0};
+        int64_t jj = 0;
+        for (; jj + 1 < count; jj += 2) {
+            even += p[jj] * load_lanes(value_block + jj * D + d0);
+            odd += p[jj + 1] * load_lanes(value_block + (jj + 1) * D + d0);
+        }
+        if (jj < count) even += p[jj] * load_lanes(value_block + jj * D + d0);
+        store_lanes(acc + d0, even + odd);
+    }
+    for (; d0 < D; d0++) /* head sizes that are not a multiple of LANES */
+        for (int64_t jj = 0; jj < count; jj++) acc[d0] += p[jj] * value_block[jj * D + d0];
+}
+
+/* Size in floats of the scratch `paged_attention_f32` needs for its longest chunk. */
+int64_t paged_attention_scratch_floats(int64_t heads, int64_t kv_heads, int64_t D, int64_t bs,
+                                       int64_t max_length, int64_t max_context) {
+    const int64_t rows = heads / kv_heads * max_length, width = (max_context + bs - 1) / bs * bs;
+    return rows * width + 2 * rows * D;
+}
+
+/* query/out [tokens][heads][D], the step's new tokens packed (their keys and values already written);
+ * chunks [count][4]: first packed row, first position, length, offset of its block table in `tables`.
+ * A chunk's token i (position start + i) attends to positions 0 .. start + i of its conversation.
+ * Query head h reads KV head h / (heads / kv_heads). Only the chunks' own rows of `out` are written,
+ * so disjoint sets of chunks may run on threads at once, each with its own scratch. */
+void paged_attention_f32(const float *restrict query, float *restrict out, const float *restrict kv, int64_t slots,
+                         int64_t heads, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict chunks,
+                         int64_t count, const int64_t *restrict tables, float scale, float *restrict scratch) {
+    const int64_t group = heads / kv_heads, block_bytes = bs * D * (int64_t)sizeof(float);
+    for (int64_t c = 0; c < count; c++) {
+        const int64_t first_row = chunks[4 * c], start = chunks[4 * c + 1], length = chunks[4 * c + 2];
+        const int64_t *table = tables + chunks[4 * c + 3];
+        const int64_t context = start + length, blocks = (context + bs - 1) / bs, width = blocks * bs;
+        const int64_t rows = group * length; /* row r = g * length + i: query head h * group + g, token i */
+        float *restrict scores = scratch;           /* [rows][width] */
+        float *restrict queries = scores + rows * width; /* [rows][D], scaled */
+        float *restrict acc = queries + rows * D;   /* [rows][D] */
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const float *keys = kv + h * slots * D, *values = kv + (kv_heads + h) * slots * D;
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t i = 0; i < length; i++) {
+                    const float *q = query + ((first_row + i) * heads + h * group + g) * D;
+                    float *row = queries + (g * length + i) * D;
+                    for (int64_t d = 0; d < D; d++) row[d] = q[d] * scale;
+                }
+            /* Scores, block by block: each key block is read once and used by every row that sees it. */
+            for (int64_t b = 0; b < blocks; b++) {
+                if (b + 2 < blocks) prefetch_block(keys + table[b + 2] * bs * D, block_bytes);
+                const float *key_block = keys + table[b] * bs * D;
+                const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0;
+                for (int64_t g = 0; g < group; g++)
+                    for (int64_t i = first_i; i < length; i++) {
+                        const int64_t r = g * length + i;
+                        block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0);
+                    }
+            }
+            /* Softmax over the keys each row sees; the rest weigh nothing. */
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t seen = start + r % length + 1;
+                float *s = scores + r * width;
+                float top = -FLT_MAX, sum = 0.0f;
+#pragma omp simd reduction(max : top)
+                for (int64_t j = 0; j < seen; j++) top = s[j] > top ? s[j] : top;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < seen; j++) {
+                    const float e = expf(s[j] - top);
+                    s[j] = e;
+                    sum += e;
+                }
+                const float inverse = 1.0f / sum;
+#pragma omp simd
+                for (int64_t j = 0; j < seen; j++) s[j] *= inverse;
+                memset(acc + r * D, 0, D * sizeof(float));
+            }
+            /* Weighted values, block by block, like the scores. */
+            for (int64_t b = 0; b < blocks; b++) {
+                if (b + 2 < blocks) prefetch_block(values + table[b + 2] * bs * D, block_bytes);
+                const float *value_block = values + table[b] * bs * D;
+                const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0;
+                for (int64_t g = 0; g < group; g++)
+                    for (int64_t i = first_i; i < length; i++) {
+                        const int64_t r = g * length + i, seen = start + i + 1;
+                        block_values(scores + r * width + j0, value_block, min64(bs, seen - j0), D, acc + r * D);
+                    }
+            }
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t i = 0; i < length; i++)
+                    memcpy(out + ((first_row + i) * heads + h * group + g) * D, acc + (g * length + i) * D,
+                           D * sizeof(float));
+        }
+    }
+}
