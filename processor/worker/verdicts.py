@@ -96,6 +96,18 @@ class VerdictState:
             turn_flag=NO_FLAG,
         )
 
+    def with_debounce(self, previous_flagged: bool, turn_level: str) -> VerdictState:
+        # Positional construction: dataclasses.replace cost ~3 us, and this runs for most token events.
+        return VerdictState(
+            self.turn,
+            previous_flagged,
+            turn_level,
+            self.turn_alert_position,
+            self.turn_flag,
+            self.conversation_flag,
+            self.alert_position,
+        )
+
     def with_alert(self, position: int, flag: Flag) -> VerdictState:
         state = replace(self, turn_alert_position=position, turn_flag=flag)
         if self.alert_position is None:
@@ -248,21 +260,22 @@ def _content_verdicts(
     first_debounced: Flag | None = None
     alert_position: int | None = None
     last = NO_FLAG
+    previous_flagged, turn_level = state.previous_flagged, state.turn_level
     for k in content:
         index, position = offset + k, start_position + k
         tokens.append(_token_verdict(labels, heads, result, index, position))
         last = _policy_flag(labels, heads, index)
         if role != "assistant":
             continue
-        debounced = last.flagged and state.previous_flagged
-        turn_level = last.level if debounced else SAFE
-        if state.previous_flagged != last.flagged or state.turn_level != turn_level:
-            state = replace(state, previous_flagged=last.flagged, turn_level=turn_level)
+        debounced = last.flagged and previous_flagged
+        previous_flagged, turn_level = last.flagged, last.level if debounced else SAFE
         if debounced:
             first_debounced = first_debounced or last
             if state.turn_alert_position is None:
                 state = state.with_alert(position, last)
                 alert_position = position
+    if (previous_flagged, turn_level) != (state.previous_flagged, state.turn_level):
+        state = state.with_debounce(previous_flagged, turn_level)
     summary = last
     if role == "assistant":
         # An undebounced flag is not a verdict yet: the summary stays Safe, without a probability to show.
