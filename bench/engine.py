@@ -23,6 +23,7 @@ import torch
 
 from processor.engine import EngineConfig, GuardEngine
 from processor.engine.kv_cache import bytes_per_token
+from processor.model.attention import resolve_attention_backend
 from processor.model.config import GuardConfig
 from processor.model.loader import GuardModel, load_guard_model
 from processor.model.qwen3_guard import Qwen3GuardNetwork
@@ -77,13 +78,15 @@ def load_model(size: str, device: str, dtype: torch.dtype, workdir: Path) -> Gua
 BACKEND = "sdpa"  # set from --backend
 
 
-def make_engine(model: GuardModel, conversations: int, context: int, batch_tokens: int = 4096) -> GuardEngine:
+def make_engine(
+    model: GuardModel, conversations: int, context: int, batch_tokens: int = 4096, backend: str | None = None
+) -> GuardEngine:
     """An engine whose cache holds `conversations` conversations of `context` tokens."""
-    return engine_for_tokens(model, conversations * (context + 16), conversations, batch_tokens)
+    return engine_for_tokens(model, conversations * (context + 16), conversations, batch_tokens, backend)
 
 
 def engine_for_tokens(
-    model: GuardModel, tokens: int, conversations: int, batch_tokens: int = 4096
+    model: GuardModel, tokens: int, conversations: int, batch_tokens: int = 4096, backend: str | None = None
 ) -> GuardEngine:
     block = 16
     budget = (tokens // block + 4 + conversations) * block * bytes_per_token(model.config, model.dtype)
@@ -94,9 +97,13 @@ def engine_for_tokens(
             kv_cache_bytes=budget,
             max_batch_tokens=batch_tokens,
             max_batch_conversations=max(conversations, 1),
-            attention_backend=BACKEND,
+            attention_backend=backend or BACKEND,
         ),
     )
+
+
+def cpu_kernel_runs(model: GuardModel) -> bool:
+    return resolve_attention_backend("auto", model.device, model.dtype) == "paged_cpu"
 
 
 def synchronize(model: GuardModel) -> None:
@@ -187,9 +194,10 @@ def uneven_steps(
     model: GuardModel, conversations: int, context: int, steps: int, rng: random.Random
 ) -> tuple[Row, Row]:
     """Steps like a worker's under load, every conversation bringing 1 to 9 tokens, with queries
-    padded to the step's longest (one group) and grouped by powers of two (the CPU default),
-    alternating step by step in one engine so that both see the same machine and contexts."""
-    engine = make_engine(model, conversations, context + 9 * 2 * steps)
+    padded to the step's longest (one group) and grouped by powers of two (the sdpa backend's CPU
+    grouping: the fallback where the C kernel cannot be built), alternating step by step in one
+    engine so that both see the same machine and contexts."""
+    engine = make_engine(model, conversations, context + 9 * 2 * steps, backend="sdpa")
     streams = {f"w{index}": random_tokens(rng, context) for index in range(conversations)}
     for conversation_id, stream in streams.items():
         engine.submit(conversation_id, stream)
@@ -207,9 +215,44 @@ def uneven_steps(
         engine.run_until_idle()
         synchronize(model)
         seconds[by_powers_of_two] += time.perf_counter() - started
-    padded = Row("C uneven steps, padded to longest", conversations, context, tokens[False], seconds[False])
-    grouped = Row("C uneven steps, query classes", conversations, context, tokens[True], seconds[True])
+    padded = Row(
+        "C uneven steps (sdpa), padded to longest", conversations, context, tokens[False], seconds[False]
+    )
+    grouped = Row("C uneven steps (sdpa), query classes", conversations, context, tokens[True], seconds[True])
     return padded, grouped
+
+
+def backends_side_by_side(
+    model: GuardModel, backends: list[str], conversations: int, context: int, steps: int, rng: random.Random
+) -> list[Row]:
+    """Worker-like steps (every conversation bringing 1 to 9 tokens) on one engine per attention
+    backend, the engines taking turns step by step with the same tokens, so that each sees the same
+    machine and contexts."""
+    tokens_needed = conversations * (context + 9 * steps + 16)
+    engines = {
+        name: engine_for_tokens(model, tokens_needed, conversations, backend=name) for name in backends
+    }
+    streams = {f"w{index}": random_tokens(rng, context) for index in range(conversations)}
+    for engine in engines.values():
+        for conversation_id, stream in streams.items():
+            engine.submit(conversation_id, stream)
+        engine.run_until_idle()
+    seconds, tokens = dict.fromkeys(backends, 0.0), dict.fromkeys(backends, 0)
+    for _ in range(steps):
+        chunks = {conversation_id: random_tokens(rng, rng.randint(1, 9)) for conversation_id in streams}
+        for name, engine in engines.items():
+            for conversation_id, chunk in chunks.items():
+                engine.submit(conversation_id, chunk)
+                tokens[name] += len(chunk)
+            synchronize(model)
+            started = time.perf_counter()
+            engine.run_until_idle()
+            synchronize(model)
+            seconds[name] += time.perf_counter() - started
+    return [
+        Row(f"C worker steps, {name} attention", conversations, context, tokens[name], seconds[name])
+        for name in backends
+    ]
 
 
 def peak_memory_bytes(model: GuardModel) -> int | None:
@@ -236,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-conversations", type=int, default=8)
     parser.add_argument("--hub-length", type=int, default=1000)
     parser.add_argument("--hub-samples", type=int, default=12)
-    parser.add_argument("--backend", default="sdpa", help="attention backend: sdpa or flex")
+    parser.add_argument(
+        "--backend", default="auto", help="attention: auto (paged_cpu on a CPU), sdpa, flex, paged_cpu"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     global BACKEND
-    BACKEND = args.backend
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = (
@@ -249,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype
         else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     )
+    BACKEND = resolve_attention_backend(args.backend, torch.device(args.device), dtype)
     torch.manual_seed(0)
     rng = random.Random(0)
 
@@ -283,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += [short, long, ragged]
         padded, classes = uneven_steps(model, 64, 768, 12, rng)
         rows += [padded, classes]
+        backends = ["sdpa"] + (["paged_cpu"] if cpu_kernel_runs(model) else [])
+        side_by_side = {
+            context: backends_side_by_side(model, backends, 200, context, 8, rng) for context in (256, 1024)
+        }
+        for pair in side_by_side.values():
+            rows += pair
 
     by_label = {(row.variant, row.conversations): row for row in rows}
     hub, single = rows[0], rows[1]
@@ -296,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         # Uneven steps with queries padded to the step's longest, against grouped by powers of two.
         "padded_over_query_classes_cost": padded.ms_per_token / classes.ms_per_token,
     }
+    for context, pair in side_by_side.items():
+        if len(pair) == 2:  # sdpa against the C kernel at the worker's step shape
+            ratios[f"sdpa_over_paged_cpu_cost_{context}"] = pair[0].ms_per_token / pair[1].ms_per_token
     threads = torch.get_num_threads()
     print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}", end=" ")
-    print(f"backend={args.backend} threads={threads}")
+    print(f"backend={BACKEND} threads={threads}")
     print(f"{'variant':44} {'convs':>6} {'context':>8} {'tokens':>8} {'tokens/s':>12} {'ms/token':>10}")
     for row in rows:
         print(
@@ -316,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "device": args.device,
         "dtype": str(dtype),
-        "backend": args.backend,
+        "backend": BACKEND,
         "threads": threads,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "rows": [
@@ -331,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out
         or Path(__file__).parent
         / "results"
-        / f"engine-{args.device.split(':')[0]}-{args.size}-{args.backend}.json"
+        / f"engine-{args.device.split(':')[0]}-{args.size}-{BACKEND}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -352,6 +352,8 @@ def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_byte
     }
     if args.dtype:
         environment["GUARDSTREAM_DTYPE"] = args.dtype
+    if args.attention_backend:
+        environment["GUARDSTREAM_ATTENTION_BACKEND"] = args.attention_backend
     if cache_bytes:
         environment["GUARDSTREAM_KV_CACHE_BYTES"] = str(cache_bytes)
     worker = subprocess.Popen(
@@ -830,6 +832,9 @@ def main() -> int:
         help="seconds a fresh worker gets to load, join and answer its first user turns",
     )
     parser.add_argument("--kv-cache-bytes", type=int, default=None)
+    parser.add_argument(
+        "--attention-backend", default=None, help="the worker's --attention-backend (default: its own, auto)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/pipeline-<device>.json")
     args = parser.parse_args()
     if args.rate is not None and args.rates is not None:
