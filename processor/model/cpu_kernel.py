@@ -96,6 +96,7 @@ class PagedAttentionKernel:
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         tokens, heads, head_dim = query.shape
         kv_heads, slots = kv_layer.shape[1], kv_layer.shape[2]
+        _check_layout(query, key, value, kv_layer, slot_mapping, chunks, tables)
         self._write(
             key.data_ptr(),
             value.data_ptr(),
@@ -135,6 +136,32 @@ class PagedAttentionKernel:
             for done in [self._pool.submit(run, part, *bounds) for part, bounds in enumerate(parts)]:
                 done.result()
         return out
+
+
+def _check_layout(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    chunks: torch.Tensor,
+    tables: torch.Tensor,
+) -> None:
+    """The kernel reads raw pointers: a tensor of another dtype, device or layout would be read as
+    garbage or past its end, so it is refused here instead (a few checks per layer)."""
+    floats = (query, key, value, kv_layer)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
+        raise ValueError("the CPU paged-attention kernel takes float32 tensors on the CPU")
+    indexes = (slot_mapping, chunks, tables)
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in indexes):
+        raise ValueError("slot mapping, chunks and tables must be contiguous int64 tensors")
+    tokens, heads, head_dim = query.shape
+    if not kv_layer.is_contiguous() or kv_layer.shape[0] != 2 or kv_layer.shape[3] != head_dim:
+        raise ValueError(f"kv_layer must be a contiguous [2, kv_heads, slots, {head_dim}] tensor")
+    if key.shape != value.shape or key.shape != (tokens, kv_layer.shape[1], head_dim):
+        raise ValueError("key and value must be [tokens, kv_heads, head_dim] like the cache")
+    if heads % kv_layer.shape[1] or slot_mapping.numel() != tokens or chunks.shape[1:] != (4,):
+        raise ValueError("heads must be a multiple of kv_heads, one slot per token, chunks [C, 4]")
 
 
 def split_by_work(chunks: torch.Tensor, parts: int) -> list[tuple[int, int]]:

@@ -152,6 +152,18 @@ def test_split_by_work_gives_contiguous_runs_of_about_equal_work():
     assert many[-1][1] == 8 and all(last > first for first, last in many)
 
 
+def test_tensors_the_kernel_cannot_read_are_refused_not_read(kernel):
+    layer = PagedLayer(kernel, 2, 16, 16, blocks=8, seed=0)
+    query, key, value = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="float32"):
+        layer.step({"a": 3}, query.double(), key, value, 0.25)
+    with pytest.raises(ValueError, match="key and value"):
+        layer.step({"b": 3}, query, key[:, :1], value[:, :1], 0.25)
+    layer.cache = layer.cache.transpose(2, 3)  # [2, kv_heads, head_dim, slots]: a view, not contiguous
+    with pytest.raises(ValueError, match="kv_layer"):
+        layer.step({"c": 3}, query, key, value, 0.25)
+
+
 def test_keys_are_stored_transposed_within_their_block_and_values_as_rows(kernel):
     """The cache layout the kernel's reads rely on (and that no other backend reads)."""
     block_size, head_dim = 4, 16
