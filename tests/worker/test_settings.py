@@ -52,3 +52,13 @@ def test_sasl_needs_credentials():
 def test_redact_url():
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_attention_backend_reaches_the_engine_config(monkeypatch):
+    from processor.worker.worker import engine_config
+
+    assert engine_config(WorkerSettings()).attention_backend == "auto"
+    monkeypatch.setenv("GUARDSTREAM_ATTENTION_BACKEND", "sdpa")
+    assert engine_config(WorkerSettings()).attention_backend == "sdpa"
+    with pytest.raises(ValueError, match="attention_backend"):
+        WorkerSettings(attention_backend="fastest")
