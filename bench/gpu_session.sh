@@ -25,8 +25,9 @@ python3 -c 'import torch, transformers; print(torch.__version__, transformers.__
 
 step model 120 python3 -c 'from processor.model.testmodel import write_test_model as w; w(".gpu/tiny", "tiny")'
 step gpu_check 240 python3 bench/gpu_check.py .gpu/tiny
+# The CUDA cases only: the CPU ones (the C kernel among them) run in CI.
 step attention_tests 240 python3 -m pytest -q -p no:cacheprovider -o asyncio_mode=strict \
-    tests/engine/test_attention_backends.py
+    tests/engine/test_attention_backends.py -k cuda
 for backend in sdpa flex; do
     step "engine_${backend}" 180 python3 bench/engine.py --size 0.6b-shape --device cuda --backend "$backend" \
         --concurrency 1,8,64,256,1024 --out "$out/engine-cuda-0.6b-shape-$backend.json"

@@ -321,6 +321,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "flex": flex_packed_attention,
     "paged_cpu": paged_cpu_attention,
 }
+CPU_ONLY_BACKENDS = frozenset({"paged_cpu"})  # the C kernel: host memory, float32
 
 
 def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -330,7 +331,7 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
         usable = device.type == "cpu" and dtype == torch.float32 and cpu_kernel.load() is not None
         return "paged_cpu" if usable else "sdpa"
     get_attention_backend(name)  # known?
-    if name == "paged_cpu" and (device.type != "cpu" or dtype != torch.float32):
+    if name in CPU_ONLY_BACKENDS and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"the paged_cpu attention backend runs on the CPU in float32, not {device} {dtype}")
     return name
 

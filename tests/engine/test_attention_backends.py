@@ -10,15 +10,14 @@ import torch
 from processor.engine import EngineConfig, GuardEngine
 from processor.engine.kv_cache import bytes_per_token
 from processor.model import load_guard_model
-from processor.model.attention import ATTENTION_BACKENDS
+from processor.model.attention import ATTENTION_BACKENDS, CPU_ONLY_BACKENDS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CPU_ONLY = {"paged_cpu"}  # the C kernel
 CASES = [
     (backend, device)
     for backend in sorted(set(ATTENTION_BACKENDS) - {"sdpa"})
     for device in DEVICES
-    if device == "cpu" or backend not in CPU_ONLY
+    if device == "cpu" or backend not in CPU_ONLY_BACKENDS
 ]
 
 
