@@ -331,8 +331,11 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
         usable = device.type == "cpu" and dtype == torch.float32 and cpu_kernel.load() is not None
         return "paged_cpu" if usable else "sdpa"
     get_attention_backend(name)  # known?
-    if name in CPU_ONLY_BACKENDS and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError(f"the paged_cpu attention backend runs on the CPU in float32, not {device} {dtype}")
+    if name in CPU_ONLY_BACKENDS:
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError(f"the {name} attention backend runs on the CPU in float32, not {device} {dtype}")
+        if cpu_kernel.load() is None:  # asked for by name: fail at start, not at every step
+            raise cpu_kernel.KernelUnavailableError("the CPU paged-attention kernel could not be built here")
     return name
 
 

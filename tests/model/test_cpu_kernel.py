@@ -202,6 +202,8 @@ def test_auto_picks_the_kernel_on_a_cpu_in_float32_and_sdpa_elsewhere(monkeypatc
     assert resolve_attention_backend("sdpa", cpu, torch.float32) == "sdpa"
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)  # a machine without a compiler
     assert resolve_attention_backend("auto", cpu, torch.float32) == "sdpa"
+    with pytest.raises(cpu_kernel.KernelUnavailableError):  # asked for by name: an error at start
+        resolve_attention_backend("paged_cpu", cpu, torch.float32)
 
 
 def test_paged_cpu_is_refused_where_it_cannot_run():
