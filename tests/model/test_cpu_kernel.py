@@ -5,6 +5,7 @@ CI installs a C compiler (.ci/run), so a kernel that does not build here fails t
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import pytest
@@ -186,6 +187,18 @@ def test_build_is_cached_by_source_flags_and_cpu(tmp_path):
     assert cpu_kernel.build(tmp_path) == first
     assert first.stat().st_mtime_ns == modified  # not rebuilt
     assert [path.name for path in tmp_path.iterdir()] == [first.name]  # no build leftovers
+
+
+def test_workers_starting_together_build_one_library(tmp_path):
+    """Each build writes into a folder of its own and renames the result into place: concurrent
+    builders (workers starting on one host) all get a whole library, and one file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda _: cpu_kernel.build(tmp_path), range(4)))
+    assert len(set(built)) == 1
+    assert [path.name for path in tmp_path.iterdir()] == [built[0].name]
+    assert cpu_kernel.PagedAttentionKernel(ctypes.CDLL(str(built[0]))).scratch_floats(4, 2, 16, 16, 1, 16) > 0
 
 
 def test_build_without_a_compiler_says_so(tmp_path, monkeypatch):
