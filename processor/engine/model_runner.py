@@ -23,6 +23,7 @@ from processor.model.attention import (
     packed_keys,
     paged_cpu_attention,
 )
+from processor.model.cpu_kernel import split_by_work
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import HEAD_NAMES, GuardLogits
 
@@ -122,11 +123,13 @@ class ModelRunner:
             rows.append((row, chunk.start_position, chunk.length, len(tables)))
             tables += chunk.conversation.block_table[: self.blocks.blocks_for(context)]
             row, max_context = row + chunk.length, max(max_context, context)
+        chunk_table = torch.tensor(rows, dtype=torch.long)
         return PagedChunks(
-            torch.tensor(rows, dtype=torch.long),
+            chunk_table,
             torch.tensor(tables, dtype=torch.long),
             max(chunk.length for chunk in chunks),
             max_context,
+            split_by_work(chunk_table, torch.get_num_threads()),  # once a step, for every layer
         )
 
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:

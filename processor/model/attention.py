@@ -98,6 +98,7 @@ class PagedChunks:
     tables: torch.Tensor  # [sum of table widths] int64: every chunk's blocks, end to end
     max_length: int  # longest chunk (new tokens)
     max_context: int  # longest chunk's context (keys), for the kernel's scratch
+    runs: list[tuple[int, int]]  # chunk ranges [first, last) run on threads at once (one per thread)
 
 
 @dataclass
@@ -289,9 +290,7 @@ def paged_cpu_attention(
 ) -> torch.Tensor:
     """The C kernel over the paged cache: no gather, no padding, no mask (CPU, float32)."""
     assert batch.paged is not None, "the paged_cpu backend needs AttentionBatch.paged"
-    kernel = cpu_kernel.load()
-    if kernel is None:
-        raise cpu_kernel.KernelUnavailableError("the CPU paged-attention kernel could not be built here")
+    kernel = cpu_kernel.require()
     paged = batch.paged
     heads, head_dim = query.shape[1:]
     size = kernel.scratch_floats(
@@ -308,6 +307,7 @@ def paged_cpu_attention(
         paged.tables,
         batch.block_size,
         scale,
+        paged.runs,
         scratch,
     )
 
@@ -334,8 +334,7 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
     if name in CPU_ONLY_BACKENDS:
         if device.type != "cpu" or dtype != torch.float32:
             raise ValueError(f"the {name} attention backend runs on the CPU in float32, not {device} {dtype}")
-        if cpu_kernel.load() is None:  # asked for by name: fail at start, not at every step
-            raise cpu_kernel.KernelUnavailableError("the CPU paged-attention kernel could not be built here")
+        cpu_kernel.require()  # asked for by name: fail at start, not at every step
     return name
 
 

@@ -67,6 +67,7 @@ class PagedAttentionKernel:
         self._scratch_floats.restype = _int
         self._scratch_floats.argtypes = [_int] * 6
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def scratch_floats(
         self, heads: int, kv_heads: int, head_dim: int, block_size: int, max_length: int, max_context: int
@@ -85,13 +86,15 @@ class PagedAttentionKernel:
         tables: torch.Tensor,
         block_size: int,
         scale: float,
+        runs: list[tuple[int, int]],
         scratch: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
         """Writes the new keys and values into `kv_layer`, returns the attention output [T, heads, D].
 
         query [T, heads, D], key/value [T, kv_heads, D], kv_layer [2, kv_heads, slots, D] (float32,
         contiguous, keys transposed within their blocks); chunks [C, 4] and tables int64, as the C
-        source describes. `scratch(part)` gives part's float32 buffer of at least `scratch_floats(...)`.
+        source describes. `runs` ([first, last) chunk ranges, `split_by_work`) run on threads at once;
+        `scratch(part)` gives part's float32 buffer of at least `scratch_floats(...)`.
         """
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         tokens, heads, head_dim = query.shape
@@ -127,13 +130,13 @@ class PagedAttentionKernel:
                 scratch(part).data_ptr(),
             )
 
-        parts = split_by_work(chunks, torch.get_num_threads())
-        if len(parts) == 1:
-            run(0, *parts[0])
+        if len(runs) == 1:
+            run(0, *runs[0])
         else:
-            if self._pool is None or self._pool._max_workers < len(parts):
-                self._pool = ThreadPoolExecutor(len(parts), thread_name_prefix="paged-attention")
-            for done in [self._pool.submit(run, part, *bounds) for part, bounds in enumerate(parts)]:
+            if self._pool_size < len(runs):
+                self._pool = ThreadPoolExecutor(len(runs), thread_name_prefix="paged-attention")
+                self._pool_size = len(runs)
+            for done in [self._pool.submit(run, part, *bounds) for part, bounds in enumerate(runs)]:
                 done.result()
         return out
 
@@ -181,6 +184,14 @@ def split_by_work(chunks: torch.Tensor, parts: int) -> list[tuple[int, int]]:
         bounds.append((first, last))
         first = last
     return [*bounds, (first, count)]
+
+
+def require() -> PagedAttentionKernel:
+    """The kernel, or KernelUnavailableError when this machine cannot build it."""
+    kernel = load()
+    if kernel is None:
+        raise KernelUnavailableError("the CPU paged-attention kernel could not be built here")
+    return kernel
 
 
 @functools.cache  # built and loaded once per process

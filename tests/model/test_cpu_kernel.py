@@ -81,6 +81,7 @@ class PagedLayer:
             torch.tensor(tables, dtype=torch.long),
             self.block_size,
             scale,
+            cpu_kernel.split_by_work(chunk_table, torch.get_num_threads()),
             lambda part: buffers.setdefault(part, torch.empty(size)),
         )
 
