@@ -184,7 +184,7 @@ def verdicts_command(args: argparse.Namespace) -> int:
 
 async def _show_verdicts(args, bootstrap, topic, decode, color) -> None:
     from processor.client import read_verdicts
-    from processor.worker.events import verdict_json
+    from processor.worker.events import VERDICT_EVENTS
 
     stream = read_verdicts(
         bootstrap, topic, conversation_ids=args.conversation_id, from_beginning=not args.from_latest
@@ -196,10 +196,8 @@ async def _show_verdicts(args, bootstrap, topic, decode, color) -> None:
             verdict = await asyncio.wait_for(stream.__anext__(), timeout=idle_timeout)
         except (StopAsyncIteration, TimeoutError):
             break
-        print(
-            verdict_json(verdict).decode() if args.json else format_verdict(verdict, decode, color),
-            flush=True,
-        )
+        shown = VERDICT_EVENTS.dump_json(verdict).decode() if args.json else None
+        print(shown or format_verdict(verdict, decode, color), flush=True)
     await stream.aclose()
 
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
-from processor.worker.events import TokenEvent, VerdictEvent
+from processor.worker.events import TokenEvent, Verdict
 from processor.worker.session_store import Session, SessionStatus
 from processor.worker.template import FedTokens, TurnState, TurnWriter
-from processor.worker.verdicts import EventTiming, VerdictConfig, build_verdicts, error_verdict
+from processor.worker.verdicts import VerdictConfig, build_verdicts, error_verdict, latency_ms
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: these are built per token event, and a frozen dataclass's __init__ costs ~2x.
+@dataclass(slots=True)
 class Incoming:
     """A decoded token event and where it came from (the Kafka record, opaque here)."""
 
@@ -27,7 +28,7 @@ class Incoming:
     source: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PlannedEvent:
     incoming: Incoming
     fed: FedTokens
@@ -60,7 +61,7 @@ class ConversationStep:
 class ConversationOutcome:
     before: Session  # as the step found it in Redis
     session: Session  # as the step leaves it
-    verdicts: list[VerdictEvent]
+    verdicts: list[Verdict]
     fed_token_ids: list[int]  # appended to the Redis history
 
     @property
@@ -119,17 +120,17 @@ def finish_conversation(
     if result.status is not ChunkStatus.OK:
         return refused(step, _REFUSALS[result.status], config, now)
     verdict_state = session.verdicts
-    verdicts: list[VerdictEvent] = []
+    verdicts: list[Verdict] = []
     for planned in step.planned:
         event = planned.incoming.event
-        timing = EventTiming(planned.incoming.sent_at, now)
+        latency = latency_ms(planned.incoming.sent_at, now)
         if planned.gap_error:
-            verdicts.append(error_verdict(event, verdict_state.turn, planned.gap_error, config, timing))
+            verdicts.append(error_verdict(event, verdict_state.turn, planned.gap_error, config, latency))
         if planned.closing_error:
-            verdicts.append(error_verdict(event, verdict_state.turn, planned.closing_error, config, timing))
+            verdicts.append(error_verdict(event, verdict_state.turn, planned.closing_error, config, latency))
             continue
         verdict_state, event_verdicts = build_verdicts(
-            verdict_state, event, planned.fed, result, planned.offset, config, timing
+            verdict_state, event, planned.fed, result, planned.offset, config, latency
         )
         verdicts.extend(event_verdicts)
     after = replace(
@@ -156,8 +157,8 @@ _REFUSALS = {
 def refused(step: ConversationStep, message: str, config: VerdictConfig, now: float) -> ConversationOutcome:
     """The engine did not run the chunk: nothing was fed, the conversation closes with an error verdict."""
     first = step.planned[0]
-    timing = EventTiming(first.incoming.sent_at, now)
-    verdict = error_verdict(first.incoming.event, step.session.verdicts.turn, message, config, timing)
+    latency = latency_ms(first.incoming.sent_at, now)
+    verdict = error_verdict(first.incoming.event, step.session.verdicts.turn, message, config, latency)
     after = replace(step.session, next_seq=step.next_seq, status="error")
     return ConversationOutcome(step.session, after, [verdict], [])
 

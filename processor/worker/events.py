@@ -6,11 +6,13 @@ processor.worker.schemas`) and a test keeps the files equal to the models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, Json, TypeAdapter, ValidationError, model_validator
 
 Role = Literal["user", "assistant"]
 VerdictKind = Literal["tokens", "prompt", "turn_end", "conversation_end", "error"]
@@ -56,9 +58,11 @@ class TokenEvent(BaseModel):
         return self.end_of_turn or self.end_of_conversation
 
 
-# Verdicts are stdlib dataclasses validated and serialized by pydantic (VERDICT_EVENTS), not BaseModels:
-# the worker builds tens of thousands a second, and a BaseModel's validating constructor cost ~10 us each
-# where these cost ~1 us. Readers validate what they receive with `parse_verdict`.
+# The verdict contract is these stdlib dataclasses, validated and serialized by pydantic (VERDICT_EVENTS):
+# they make the schema and are what readers get from `parse_verdict`. The worker itself builds tens of
+# thousands a second and writes them as plain dicts of the same fields (`Verdict`, see verdicts.py),
+# serialized by orjson: building a dataclass and dumping it through pydantic cost ~6 us a verdict, a dict
+# and orjson ~1 us. Tests validate what the worker builds against VERDICT_EVENTS.
 @dataclass(slots=True, kw_only=True)
 class TokenVerdict:
     """One listed token's labels; category is null when the risk level is Safe."""
@@ -107,9 +111,12 @@ class VerdictEvent:
 
 VERDICT_EVENTS = TypeAdapter(VerdictEvent)
 
+# A VerdictEvent as the worker builds it: a dict with exactly its fields, in its order.
+Verdict = dict[str, Any]
 
-def verdict_json(verdict: VerdictEvent) -> bytes:
-    return VERDICT_EVENTS.dump_json(verdict)
+
+def verdict_json(verdict: Verdict) -> bytes:
+    return orjson.dumps(verdict)
 
 
 def parse_verdict(value: bytes | str) -> VerdictEvent:
@@ -142,14 +149,59 @@ class BadTokenEvent(ValueError):
 
 def decode_token_event(key: bytes | None, value: bytes | None, limits: EventLimits) -> TokenEvent:
     """Parse and check one Kafka record; raises BadTokenEvent saying what is wrong with it."""
+    _check_size(value, limits)
+    try:
+        event = TokenEvent.model_validate_json(value)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise BadTokenEvent(_describe_validation_error(error)) from None
+    return _checked(event, key, limits)
+
+
+# Every record of a batch parsed in one pydantic call: ~2.1 us a record instead of ~3.0. Each value is
+# parsed as a JSON document of its own (Json[...]), so no record can run into its neighbour.
+_TOKEN_EVENT_BATCH = TypeAdapter(list[Json[TokenEvent]])
+
+
+def decode_token_events(
+    records: Sequence[tuple[bytes | None, bytes | None]], limits: EventLimits
+) -> list[TokenEvent | BadTokenEvent]:
+    """`decode_token_event` of each (key, value), the event or the BadTokenEvent saying why not.
+
+    The batch is parsed at once when every record parses; a batch with a record that does not is
+    parsed one record at a time, so that each bad one gets its own reason.
+    """
+    try:
+        for _, value in records:
+            _check_size(value, limits)
+        events = _TOKEN_EVENT_BATCH.validate_python([value for _, value in records])
+    except (BadTokenEvent, ValidationError):
+        return [_decoded_or_error(key, value, limits) for key, value in records]
+    decoded: list[TokenEvent | BadTokenEvent] = []
+    for (key, _), event in zip(records, events, strict=True):
+        try:
+            decoded.append(_checked(event, key, limits))
+        except BadTokenEvent as error:
+            decoded.append(error)
+    return decoded
+
+
+def _decoded_or_error(
+    key: bytes | None, value: bytes | None, limits: EventLimits
+) -> TokenEvent | BadTokenEvent:
+    try:
+        return decode_token_event(key, value, limits)
+    except BadTokenEvent as error:
+        return error
+
+
+def _check_size(value: bytes | None, limits: EventLimits) -> None:
     if value is None:
         raise BadTokenEvent("record has no value (tombstone)")
     if len(value) > limits.max_record_bytes:
         raise BadTokenEvent(f"record is {len(value)} bytes, the limit is {limits.max_record_bytes}")
-    try:
-        event = TokenEvent.model_validate_json(value)
-    except ValidationError as error:
-        raise BadTokenEvent(_describe_validation_error(error)) from None
+
+
+def _checked(event: TokenEvent, key: bytes | None, limits: EventLimits) -> TokenEvent:
     _check_limits(event, limits)
     if key is None:
         raise BadTokenEvent("record has no key; the key must be the conversation_id")
@@ -164,20 +216,21 @@ def _check_limits(event: TokenEvent, limits: EventLimits) -> None:
             f"conversation_id is {len(event.conversation_id)} characters, "
             f"the limit is {limits.max_conversation_id_length}"
         )
-    if event.token_ids is not None:
-        if len(event.token_ids) > limits.max_tokens_per_event:
+    token_ids = event.token_ids
+    if token_ids:
+        if len(token_ids) > limits.max_tokens_per_event:
             raise BadTokenEvent(
-                f"event has {len(event.token_ids)} token ids, the limit is {limits.max_tokens_per_event}; "
+                f"event has {len(token_ids)} token ids, the limit is {limits.max_tokens_per_event}; "
                 "split it into several events"
             )
-        if limits.vocab_size is not None:
-            outside = [token_id for token_id in event.token_ids if not 0 <= token_id < limits.vocab_size]
-            if outside:
-                raise BadTokenEvent(
-                    f"token ids outside the model's vocabulary (0..{limits.vocab_size - 1}): {outside[:5]}"
-                )
-        control = limits.control_ids and [i for i in event.token_ids if i in limits.control_ids]
-        if control:
+        vocab_size = limits.vocab_size
+        if vocab_size is not None and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+            outside = [token_id for token_id in token_ids if not 0 <= token_id < vocab_size]
+            raise BadTokenEvent(
+                f"token ids outside the model's vocabulary (0..{vocab_size - 1}): {outside[:5]}"
+            )
+        if limits.control_ids and not limits.control_ids.isdisjoint(token_ids):
+            control = [token_id for token_id in token_ids if token_id in limits.control_ids]
             raise BadTokenEvent(
                 f"token ids {control[:5]} open or close chat turns (<|im_start|>, <|im_end|>, "
                 "<|endoftext|>); in chat mode send content ids only and mark a turn's end with end_of_turn"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 # Verdict latency from the producer's ts: the goal is p99 under 100 ms, so resolve well below it.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -16,6 +21,37 @@ STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 STAGES = ("wait", "prepare", "engine", "publish", "order", "save", "commit")
 
 
+class StepHistogram(Collector):
+    """A histogram fed a step's values at once, exported like prometheus_client's Histogram.
+
+    Why not Histogram: it takes one value a call, each updating two lock-guarded counters (~2 us), and
+    the worker observes every token verdict's latency: thousands a step. Here a value costs a bisect.
+    Read and written on the event loop's thread only (the /metrics server runs on it too).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = tuple(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        counts, bounds = self._counts, self._bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # le: a value on a bound counts in that bucket
+        self._sum += sum(values)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, self._bounds), "+Inf"), self._counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=self._sum)
+
+
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -24,11 +60,11 @@ class WorkerMetrics:
         self.tokens = Counter("guardstream_tokens", "Tokens fed to the model", registry=r)
         self.verdicts = Counter("guardstream_verdicts", "Verdict events published", ["kind"], registry=r)
         self.dead_letters = Counter("guardstream_dead_letters", "Records sent to the DLQ", registry=r)
-        self.verdict_latency = Histogram(
+        self.verdict_latency = StepHistogram(
             "guardstream_verdict_latency_seconds",
             "From the token event's ts to its verdicts being published",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            r,
         )
         self.step_events = Histogram(
             "guardstream_step_events", "Token events per step", buckets=STEP_BUCKETS, registry=r

@@ -10,12 +10,13 @@ alert of its user turn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 from processor.engine.results import ChunkResult, HeadLabels
 from processor.model.labels import SAFE, LabelMaps, Policy, apply_policy, is_flagged
-from processor.worker.events import Role, TokenEvent, TokenVerdict, VerdictEvent, VerdictKind
+from processor.worker.events import Role, TokenEvent, Verdict, VerdictKind
 from processor.worker.template import ClosedTurn, FedTokens
 
 VerdictMode = Literal["tokens", "changes", "turns"]
@@ -115,14 +116,15 @@ class VerdictState:
         return state
 
 
-@dataclass(frozen=True, slots=True)
-class EventTiming:
-    sent_at: float | None  # event ts, else the Kafka record's timestamp
-    now: float
+def latency_ms(sent_at: float | None, now: float) -> float | None:
+    """From the event's ts (else its record's timestamp) to now, as verdicts carry it."""
+    return None if sent_at is None else round((now - sent_at) * 1000.0, 3)
 
-    @property
-    def latency_ms(self) -> float | None:
-        return None if self.sent_at is None else round((self.now - self.sent_at) * 1000.0, 3)
+
+# A verdict's summary fields: (risk_level, risk_prob, category, category_prob). Tuples, not Flags, on
+# the per-event path: a frozen dataclass costs ~0.6 us to build and most events need none.
+Summary = tuple[str | None, float | None, str | None, float | None]
+NO_SUMMARY: Summary = (SAFE, None, None, None)
 
 
 def build_verdicts(
@@ -132,187 +134,249 @@ def build_verdicts(
     result: ChunkResult,
     offset: int,
     config: VerdictConfig,
-    timing: EventTiming,
-) -> tuple[VerdictState, list[VerdictEvent]]:
-    """Verdicts for one event whose fed tokens are result's tokens offset.. (positions follow)."""
-    verdicts: list[VerdictEvent] = []
+    latency: float | None,
+) -> tuple[VerdictState, list[Verdict]]:
+    """Verdicts for one event whose fed tokens are result's tokens offset.. (positions follow).
+
+    Runs for every token event (tens of thousands a second): verdicts are built as the wire's dicts
+    directly, and the common event (content tokens only) takes no branch it does not need.
+    """
+    verdicts: list[Verdict] = []
     start_position = result.start_position + offset
-
-    def verdict(kind: VerdictKind, turn: int, role: Role, flag: Flag, **fields) -> VerdictEvent:
-        return VerdictEvent(
-            conversation_id=event.conversation_id,
-            seq=event.seq,
-            turn=turn,
-            role=role,
-            kind=kind,
-            risk_level=flag.level,
-            risk_prob=flag.prob,
-            category=flag.category,
-            category_prob=flag.category_prob,
-            latency_ms=timing.latency_ms,
-            model=config.model_name,
-            **fields,
-        )
-
-    def closed(turn: ClosedTurn) -> None:
-        nonlocal state
-        if turn.role == "user" and turn.prompt_index is not None:
-            state = state.for_turn(turn.turn)
-            index = offset + turn.prompt_index
-            position = start_position + turn.prompt_index
-            flag = _policy_flag(config.for_role("user"), result.query, index)
-            if flag.flagged and state.turn_alert_position is None:
-                state = state.with_alert(position, flag)
-            verdicts.append(
-                verdict(
-                    "prompt",
-                    turn.turn,
-                    "user",
-                    flag,
-                    tokens=[_token_verdict(config.for_role("user"), result.query, result, index, position)],
-                    alert=flag.flagged,
-                    alert_position=position if flag.flagged else None,
-                )
-            )
-        if turn.explicit:
-            summary = state.for_turn(turn.turn)
-            verdicts.append(
-                verdict(
-                    "turn_end",
-                    turn.turn,
-                    turn.role,
-                    summary.turn_flag,
-                    alert=False,
-                    alert_position=summary.turn_alert_position,
-                )
-            )
-
-    for turn in fed.closed_turns:
+    closed_turns = fed.closed_turns
+    for turn in closed_turns:
         if not turn.explicit:
-            closed(turn)
+            state = _closed_turn(
+                state, verdicts, event, turn, result, offset, start_position, config, latency
+            )
 
-    content = [k for k in range(len(fed)) if fed.content[k]]
+    is_content = fed.content
+    content = range(len(is_content)) if all(is_content) else [k for k, c in enumerate(is_content) if c]
     if content:
-        turn, role = fed.turns[content[0]], fed.roles[content[0]]
+        first = content[0]
+        turn, role = fed.turns[first], fed.roles[first]
         before = state.for_turn(turn)
         state, tokens, summary, alert_position = _content_verdicts(
-            before, fed, content, result, offset, start_position, config
+            before, role, content, result, offset, start_position, config
         )
         raised = alert_position is not None
-        if _publish_tokens(config.mode, role, before.turn_level, state.turn_level, raised):
+        mode = config.mode
+        if (
+            mode == "tokens"
+            or raised
+            or (mode == "changes" and role == "assistant" and before.turn_level != state.turn_level)
+        ):
             verdicts.append(
-                verdict(
-                    "tokens", turn, role, summary, tokens=tokens, alert=raised, alert_position=alert_position
+                _verdict(
+                    event, "tokens", turn, role, summary, tokens, raised, alert_position, latency, config
                 )
             )
 
-    for turn in fed.closed_turns:
+    for turn in closed_turns:
         if turn.explicit:
-            closed(turn)
+            state = _closed_turn(
+                state, verdicts, event, turn, result, offset, start_position, config, latency
+            )
 
     if event.end_of_conversation:
         last_turn = max(state.turn, fed.turns[-1] if fed.turns else -1)
         verdicts.append(
-            verdict(
+            _verdict(
+                event,
                 "conversation_end",
                 max(last_turn, 0),
                 event.role,
-                state.conversation_flag,
-                alert=False,
-                alert_position=state.alert_position,
+                _flag_summary(state.conversation_flag),
+                [],
+                False,
+                state.alert_position,
+                latency,
+                config,
             )
         )
     return state, verdicts
 
 
 def error_verdict(
-    event: TokenEvent, turn: int, message: str, config: VerdictConfig, timing: EventTiming
-) -> VerdictEvent:
-    return VerdictEvent(
-        conversation_id=event.conversation_id,
-        seq=event.seq,
-        turn=max(turn, 0),
-        role=event.role,
-        kind="error",
-        risk_level=None,
-        risk_prob=None,
-        category=None,
-        category_prob=None,
-        latency_ms=timing.latency_ms,
-        model=config.model_name,
-        error=message,
+    event: TokenEvent, turn: int, message: str, config: VerdictConfig, latency: float | None
+) -> Verdict:
+    verdict = _verdict(
+        event, "error", max(turn, 0), event.role, (None, None, None, None), [], False, None, latency, config
     )
+    verdict["error"] = message
+    return verdict
 
 
-def _content_verdicts(
+def _verdict(
+    event: TokenEvent,
+    kind: VerdictKind,
+    turn: int,
+    role: Role,
+    summary: Summary,
+    tokens: list[dict],
+    alert: bool,
+    alert_position: int | None,
+    latency: float | None,
+    config: VerdictConfig,
+) -> Verdict:
+    """A VerdictEvent as the wire carries it (field order as the contract's)."""
+    return {
+        "conversation_id": event.conversation_id,
+        "seq": event.seq,
+        "turn": turn,
+        "role": role,
+        "kind": kind,
+        "risk_level": summary[0],
+        "risk_prob": summary[1],
+        "category": summary[2],
+        "category_prob": summary[3],
+        "tokens": tokens,
+        "alert": alert,
+        "alert_position": alert_position,
+        "latency_ms": latency,
+        "model": config.model_name,
+        "error": None,
+    }
+
+
+def _closed_turn(
     state: VerdictState,
-    fed: FedTokens,
-    content: list[int],
+    verdicts: list[Verdict],
+    event: TokenEvent,
+    turn: ClosedTurn,
     result: ChunkResult,
     offset: int,
     start_position: int,
     config: VerdictConfig,
-) -> tuple[VerdictState, list[TokenVerdict], Flag, int | None]:
+    latency: float | None,
+) -> VerdictState:
+    """The prompt verdict of a closed user turn, and the turn_end verdict of an explicit close."""
+    if turn.role == "user" and turn.prompt_index is not None:
+        state = state.for_turn(turn.turn)
+        index = offset + turn.prompt_index
+        position = start_position + turn.prompt_index
+        labels = config.for_role("user")
+        summary = _policy_summary(labels, result.query, index)
+        flagged = summary[0] != SAFE
+        if flagged and state.turn_alert_position is None:
+            state = state.with_alert(position, Flag(*summary))
+        token = _token_verdict(labels, result.query, result.token_ids, index, position)
+        verdicts.append(
+            _verdict(
+                event,
+                "prompt",
+                turn.turn,
+                "user",
+                summary,
+                [token],
+                flagged,
+                position if flagged else None,
+                latency,
+                config,
+            )
+        )
+    if turn.explicit:
+        ending = state.for_turn(turn.turn)
+        verdicts.append(
+            _verdict(
+                event,
+                "turn_end",
+                turn.turn,
+                turn.role,
+                _flag_summary(ending.turn_flag),
+                [],
+                False,
+                ending.turn_alert_position,
+                latency,
+                config,
+            )
+        )
+    return state
+
+
+def _content_verdicts(
+    state: VerdictState,
+    role: Role,
+    content: Sequence[int],
+    result: ChunkResult,
+    offset: int,
+    start_position: int,
+    config: VerdictConfig,
+) -> tuple[VerdictState, list[dict], Summary, int | None]:
     """Per-token verdicts of the event's content tokens (one turn), with debounce for assistant turns."""
-    role = fed.roles[content[0]]
     heads, labels = result.heads_for_role(role), config.for_role(role)
-    tokens: list[TokenVerdict] = []
-    first_debounced: Flag | None = None
+    token_ids, levels = result.token_ids, heads.risk_level
+    flagged, policy_levels = labels.flagged, labels.policy_levels
+    assistant = role == "assistant"
+    tokens: list[dict] = []
+    first_debounced: int | None = None  # index of the turn's first debounced token in this event
     alert_position: int | None = None
-    last = NO_FLAG
+    alert_open = state.turn_alert_position is None
     previous_flagged, turn_level = state.previous_flagged, state.turn_level
+    index = offset
     for k in content:
         index, position = offset + k, start_position + k
-        tokens.append(_token_verdict(labels, heads, result, index, position))
-        last = _policy_flag(labels, heads, index)
-        if role != "assistant":
+        tokens.append(_token_verdict(labels, heads, token_ids, index, position))
+        if not assistant:
             continue
-        debounced = last.flagged and previous_flagged
-        previous_flagged, turn_level = last.flagged, last.level if debounced else SAFE
-        if debounced:
-            first_debounced = first_debounced or last
-            if state.turn_alert_position is None:
-                state = state.with_alert(position, last)
+        level = levels[index]
+        is_flagged = flagged[level]
+        debounced = is_flagged and previous_flagged
+        previous_flagged, turn_level = is_flagged, policy_levels[level] if debounced else SAFE
+        if debounced and first_debounced is None:
+            first_debounced = index
+            if alert_open:
                 alert_position = position
+    if alert_position is not None:
+        state = state.with_alert(alert_position, Flag(*_policy_summary(labels, heads, first_debounced)))
     if (previous_flagged, turn_level) != (state.previous_flagged, state.turn_level):
         state = state.with_debounce(previous_flagged, turn_level)
-    summary = last
-    if role == "assistant":
-        # An undebounced flag is not a verdict yet: the summary stays Safe, without a probability to show.
-        summary = first_debounced or (NO_FLAG if last.flagged else last)
+    last = _policy_summary(labels, heads, index)
+    if not assistant:
+        return state, tokens, last, alert_position
+    # An undebounced flag is not a verdict yet: the summary stays Safe, without a probability to show.
+    if first_debounced is not None:
+        summary = _policy_summary(labels, heads, first_debounced)
+    else:
+        summary = NO_SUMMARY if last[0] != SAFE else last
     return state, tokens, summary, alert_position
 
 
-def _publish_tokens(mode: VerdictMode, role: Role, level_before: str, level_after: str, alert: bool) -> bool:
-    if mode == "tokens" or alert:
-        return True
-    if mode == "changes":
-        return role == "assistant" and level_before != level_after
-    return False
-
-
-def _policy_flag(labels: RoleLabels, heads: HeadLabels, index: int) -> Flag:
+def _policy_summary(labels: RoleLabels, heads: HeadLabels, index: int) -> Summary:
     level = heads.risk_level[index]
     if not labels.flagged[level]:
-        return Flag(level=SAFE, prob=heads.risk_prob[index])
-    return Flag(
-        level=labels.policy_levels[level],
-        prob=heads.risk_prob[index],
-        category=labels.category_names[heads.category[index]],
-        category_prob=heads.category_prob[index],
+        return (SAFE, heads.risk_prob[index], None, None)
+    return (
+        labels.policy_levels[level],
+        heads.risk_prob[index],
+        labels.category_names[heads.category[index]],
+        heads.category_prob[index],
     )
+
+
+def _flag_summary(flag: Flag) -> Summary:
+    return (flag.level, flag.prob, flag.category, flag.category_prob)
 
 
 def _token_verdict(
-    labels: RoleLabels, heads: HeadLabels, result: ChunkResult, index: int, position: int
-) -> TokenVerdict:
+    labels: RoleLabels, heads: HeadLabels, token_ids: list[int], index: int, position: int
+) -> dict:
+    """A TokenVerdict as the wire carries it; category is null when the model said Safe."""
     level = labels.level_names[heads.risk_level[index]]
-    safe = level == SAFE
-    return TokenVerdict(
-        position=position,
-        token_id=result.token_ids[index],
-        risk_level=level,
-        risk_prob=heads.risk_prob[index],
-        category=None if safe else labels.category_names[heads.category[index]],
-        category_prob=None if safe else heads.category_prob[index],
-    )
+    if level == SAFE:
+        return {
+            "position": position,
+            "token_id": token_ids[index],
+            "risk_level": level,
+            "risk_prob": heads.risk_prob[index],
+            "category": None,
+            "category_prob": None,
+        }
+    return {
+        "position": position,
+        "token_id": token_ids[index],
+        "risk_level": level,
+        "risk_prob": heads.risk_prob[index],
+        "category": labels.category_names[heads.category[index]],
+        "category_prob": heads.category_prob[index],
+    }

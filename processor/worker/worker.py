@@ -30,7 +30,7 @@ import gc
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ from processor.worker.conversation import (
     refused,
 )
 from processor.worker.dlq import DeadLetter, dead_letter
-from processor.worker.events import BadTokenEvent, EventLimits, VerdictEvent, decode_token_event, verdict_json
+from processor.worker.events import BadTokenEvent, EventLimits, Verdict, decode_token_events, verdict_json
 from processor.worker.http import HealthServer
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.pipeline import SessionCache, SettledHistory, StepChain
@@ -314,25 +314,28 @@ class Worker:
     # -- the step's parts, in order -------------------------------------------------------------
 
     def decode(self, records: list[ConsumerRecord]) -> tuple[dict[str, list[Incoming]], list[DeadLetter]]:
-        incoming: dict[str, list[Incoming]] = defaultdict(list)
+        incoming: dict[str, list[Incoming]] = {}
         dead_letters: list[DeadLetter] = []
-        for record in records:
-            try:
-                event = decode_token_event(record.key, record.value, self.limits)
-            except BadTokenEvent as error:
-                dead_letters.append(self.dead_letter(record, error.reason))
+        max_conversations, open_conversations = self.settings.max_conversations, self.open
+        decoded = decode_token_events([(record.key, record.value) for record in records], self.limits)
+        for record, event in zip(records, decoded, strict=True):
+            if isinstance(event, BadTokenEvent):
+                dead_letters.append(self.dead_letter(record, event.reason))
                 continue
-            # New conversations of this batch count too: one batch of fresh ids must not pass the cap.
-            if (
-                event.conversation_id not in self.open
-                and event.conversation_id not in incoming
-                and len(self.open) + len(incoming) >= self.settings.max_conversations
-            ):
-                reason = f"worker holds its limit of {self.settings.max_conversations} open conversations"
-                dead_letters.append(self.dead_letter(record, reason))
-                continue
+            conversation_id = event.conversation_id
+            items = incoming.get(conversation_id)
+            if items is None:
+                # New conversations of this batch count too: one batch of fresh ids must not pass the cap.
+                if (
+                    conversation_id not in open_conversations
+                    and len(open_conversations) + len(incoming) >= max_conversations
+                ):
+                    reason = f"worker holds its limit of {max_conversations} open conversations"
+                    dead_letters.append(self.dead_letter(record, reason))
+                    continue
+                items = incoming[conversation_id] = []
             sent_at = event.ts if event.ts is not None else record.timestamp / 1000.0
-            incoming[event.conversation_id].append(Incoming(event, sent_at, record))
+            items.append(Incoming(event, sent_at, record))
         return incoming, dead_letters
 
     def rejected(self, steps: list[ConversationStep]) -> list[DeadLetter]:
@@ -364,18 +367,18 @@ class Worker:
             return False
         return False
 
-    async def publish(self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]) -> None:
+    async def publish(self, verdicts: list[Verdict], dead_letters: list[DeadLetter]) -> None:
         """Send everything, then wait for every acknowledgement (acks=all, idempotent producer)."""
         async with self.send_order:  # queued whole, in step order (queuing can wait on a partition)
             sends = await self.queue_records(verdicts, dead_letters)
         await asyncio.gather(*sends)
 
     async def queue_records(
-        self, verdicts: list[VerdictEvent], dead_letters: list[DeadLetter]
+        self, verdicts: list[Verdict], dead_letters: list[DeadLetter]
     ) -> list[asyncio.Future]:
         sends = []
         if verdicts:
-            records = [(verdict.conversation_id.encode(), verdict_json(verdict)) for verdict in verdicts]
+            records = [(verdict["conversation_id"].encode(), verdict_json(verdict)) for verdict in verdicts]
             sends += await self.publisher.send(self.settings.verdicts_topic, records)
         if dead_letters:
             letters = [
@@ -409,7 +412,7 @@ class Worker:
                 record = incoming[conversation_id][0].source
                 self.open.touch(conversation_id, TopicPartition(record.topic, record.partition), now)
 
-    def observe(self, step: PreparedStep, verdicts: list[VerdictEvent], seconds: float) -> None:
+    def observe(self, step: PreparedStep, verdicts: list[Verdict], seconds: float) -> None:
         metrics, batch, steps, dead_letters = self.metrics, step.batch, step.steps, step.dead_letters
         event_count = sum(len(records) for records in batch.values())
         metrics.step_events.observe(event_count)
@@ -421,11 +424,15 @@ class Worker:
         metrics.events.labels("applied").inc(sum(len(step.planned) for step in steps))
         metrics.dead_letters.inc(len(dead_letters))
         # Counted per kind, not per verdict: a labelled counter's lookup and lock cost ~1 us each.
-        for kind, count in Counter(verdict.kind for verdict in verdicts).items():
+        for kind, count in Counter(verdict["kind"] for verdict in verdicts).items():
             metrics.verdicts.labels(kind).inc(count)
-        for verdict in verdicts:
-            if verdict.latency_ms is not None and verdict.kind == "tokens":
-                metrics.verdict_latency.observe(verdict.latency_ms / 1000.0)
+        metrics.verdict_latency.observe_many(
+            [
+                verdict["latency_ms"] / 1000.0
+                for verdict in verdicts
+                if verdict["kind"] == "tokens" and verdict["latency_ms"] is not None
+            ]
+        )
         for partition, records in batch.items():
             highwater = self.consumer.highwater(partition)
             if highwater is not None:

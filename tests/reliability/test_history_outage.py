@@ -62,5 +62,5 @@ async def test_history_gone_closes_the_conversation(model, redis_url, redis_pref
     finally:
         await worker.front.close()
     assert outcome.session.status == "error"
-    assert [verdict.kind for verdict in outcome.verdicts] == ["error"]
-    assert "history is gone" in outcome.verdicts[0].error
+    assert [verdict["kind"] for verdict in outcome.verdicts] == ["error"]
+    assert "history is gone" in outcome.verdicts[0]["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from processor.engine.results import ChunkResult, HeadLabels
 from processor.model.labels import LabelMaps
 from processor.model.testmodel import CATEGORY_LABELS, QUERY_CATEGORY_LABELS, RISK_LEVEL_LABELS
+from processor.worker.events import Verdict, VerdictEvent, parse_verdict, verdict_json
 
 # The published checkpoints' label maps, as the test checkpoints write them.
 LABELS = LabelMaps(
@@ -38,3 +39,9 @@ def chunk(
         response=heads(response_levels),
         query=heads(query_levels),
     )
+
+
+def on_the_wire(verdicts: list[Verdict]) -> list[VerdictEvent]:
+    """The verdicts as a reader gets them: the worker's JSON, validated against the contract (extra
+    fields, missing fields or wrong types fail here)."""
+    return [parse_verdict(verdict_json(verdict)) for verdict in verdicts]

@@ -9,7 +9,7 @@ from processor.worker.session_store import Session
 from processor.worker.template import TurnWriter
 from processor.worker.verdicts import VerdictConfig
 
-from .fakes import LABELS, SAFE, chunk
+from .fakes import LABELS, SAFE, chunk, on_the_wire
 
 RAW = TurnWriter("raw", None, None)
 CONFIG = VerdictConfig(LABELS, Policy.STRICT, "tokens", "tiny")
@@ -36,14 +36,14 @@ def test_events_ordered_by_seq_and_redeliveries_dropped():
     assert step.token_ids == [6, 7] and step.duplicates == 1 and step.next_seq == 4
     outcome = finish(step)
     assert outcome.session.length == 7 and outcome.session.next_seq == 4
-    assert [v.tokens[0].position for v in outcome.verdicts] == [5, 6]
+    assert [v.tokens[0].position for v in on_the_wire(outcome.verdicts)] == [5, 6]
 
 
 def test_gap_is_reported_and_moderation_goes_on():
     step = plan_conversation(Session("c"), [incoming(0, [1]), incoming(3, [2])], RAW, 100)
     outcome = finish(step)
-    assert [v.kind for v in outcome.verdicts] == ["tokens", "error", "tokens"]
-    assert "events 1..2 never arrived" in outcome.verdicts[1].error
+    assert [v.kind for v in on_the_wire(outcome.verdicts)] == ["tokens", "error", "tokens"]
+    assert "events 1..2 never arrived" in on_the_wire(outcome.verdicts)[1].error
 
 
 def test_context_limit_closes_the_conversation_and_later_events_are_rejected():
@@ -53,13 +53,13 @@ def test_context_limit_closes_the_conversation_and_later_events_are_rejected():
     assert step.token_ids == [] and step.status == "error"
     assert len(step.rejected) == 1 and "is error" in step.rejected[0][1]
     outcome = finish(step)
-    assert [v.kind for v in outcome.verdicts] == ["error"] and "context of 9 tokens" in outcome.verdicts[
-        0
-    ].error
+    assert [v.kind for v in on_the_wire(outcome.verdicts)] == [
+        "error"
+    ] and "context of 9 tokens" in on_the_wire(outcome.verdicts)[0].error
     assert outcome.closed and outcome.session.length == 8
 
 
 def test_end_of_conversation_closes():
     outcome = finish(plan_conversation(Session("c"), [incoming(0, [1], end_of_conversation=True)], RAW, 100))
     assert outcome.closed and outcome.session.status == "ended"
-    assert [v.kind for v in outcome.verdicts] == ["tokens", "turn_end", "conversation_end"]
+    assert [v.kind for v in on_the_wire(outcome.verdicts)] == ["tokens", "turn_end", "conversation_end"]

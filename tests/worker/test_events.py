@@ -7,7 +7,7 @@ import json
 import pytest
 
 from processor.worker import schemas
-from processor.worker.events import BadTokenEvent, EventLimits, decode_token_event
+from processor.worker.events import BadTokenEvent, EventLimits, decode_token_event, decode_token_events
 
 LIMITS = EventLimits(
     max_tokens_per_event=4, max_text_chars=10, max_conversation_id_length=12, vocab_size=1000
@@ -51,6 +51,46 @@ def test_bad_records_say_why(key, value, reason):
     with pytest.raises(BadTokenEvent) as caught:
         decode_token_event(key, value, LIMITS)
     assert reason in caught.value.reason
+
+
+BAD_RECORDS = [
+    (b"conv-1", b"not json"),
+    (b"conv-1", None),
+    (b"conv-1", record(token_ids=[1, 1000])),
+    (b"other", record()),
+    (None, record()),
+    (b"conv-1", b"x" * 2_000_000),
+]
+
+
+def outcome(decoded):
+    return decoded.reason if isinstance(decoded, BadTokenEvent) else decoded
+
+
+@pytest.mark.parametrize("bad", [None, *BAD_RECORDS])
+def test_a_batch_decodes_as_its_records_one_by_one(bad):
+    """Decoding many records at once is the per-record decoding: same events, same reasons, in order."""
+    good = [(b"conv-1", record(seq=seq)) for seq in range(5)]
+    batch = good[:2] + ([bad] if bad else []) + good[2:]
+    expected = []
+    for key, value in batch:
+        try:
+            expected.append(decode_token_event(key, value, LIMITS))
+        except BadTokenEvent as error:
+            expected.append(error.reason)
+    assert [outcome(decoded) for decoded in decode_token_events(batch, LIMITS)] == expected
+
+
+def test_records_of_a_batch_cannot_join_into_one_event():
+    """Two halves of an event, each not JSON: parsed together they must not make a valid event."""
+    whole = record(seq=7)
+    cut = whole.index(b'"role"')
+    halves = [(b"conv-1", whole[:cut]), (b"conv-1", whole[cut:])]
+    decoded = decode_token_events([(b"conv-1", record(seq=6)), *halves], LIMITS)
+    assert outcome(decoded[0]).seq == 6
+    assert all(
+        outcome(item).startswith("not a valid token event: record: Invalid JSON") for item in decoded[1:]
+    )
 
 
 def test_text_without_tokenizer_refused():

@@ -7,11 +7,11 @@ import pytest
 from processor.model.labels import Policy
 from processor.worker.events import TokenEvent
 from processor.worker.template import TurnState, TurnWriter
-from processor.worker.verdicts import EventTiming, VerdictConfig, VerdictState, build_verdicts
+from processor.worker.verdicts import VerdictConfig, VerdictState, build_verdicts, latency_ms
 
-from .fakes import CONTROVERSIAL, LABELS, SAFE, UNSAFE, chunk
+from .fakes import CONTROVERSIAL, LABELS, SAFE, UNSAFE, chunk, on_the_wire
 
-TIMING = EventTiming(sent_at=100.0, now=100.25)
+LATENCY = latency_ms(sent_at=100.0, now=100.25)
 
 
 def config(mode="tokens", policy=Policy.STRICT):
@@ -30,8 +30,8 @@ def run(events_levels, mode="tokens", policy=Policy.STRICT, query_levels=None):
         event = raw_event(seq, role, list(range(100 + position, 100 + position + len(levels))), **flags)
         turns, fed = writer.feed(turns, event)
         result = chunk(fed.token_ids, levels, query_levels or levels, start=position)
-        state, new = build_verdicts(state, event, fed, result, 0, config(mode, policy), TIMING)
-        verdicts += new
+        state, new = build_verdicts(state, event, fed, result, 0, config(mode, policy), LATENCY)
+        verdicts += on_the_wire(new)
         position += len(fed)
     return state, verdicts
 
