@@ -94,6 +94,50 @@ static inline void block_values(const float *restrict p, const float *restrict v
         for (int64_t jj = 0; jj < count; jj++) acc[d0] += p[jj] * value_block[jj * D + d0];
 }
 
+/* Rows `tile` at a time (consecutive rows: queries D apart, scores `width` apart): each key or value
+ * vector loaded feeds `tile` independent FMA chains. A row alone waits on its chain's FMA latency and
+ * loads the block again for every row. Always inlined with a constant `tile`, so that the per-row
+ * accumulators are registers. */
+#define MAX_TILE 8
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* block_scores for the `tile` rows at q (scores to s), against one transposed key block ([D][bs]). */
+ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, const float *restrict key_block,
+                                     int64_t D, int64_t bs, float *restrict s, int64_t width) {
+    int64_t j1 = 0;
+    for (; j1 + LANES <= bs; j1 += LANES) {
+        lanes_t a[MAX_TILE];
+        for (int t = 0; t < tile; t++) a[t] = (lanes_t){0};
+        for (int64_t d = 0; d < D; d++) {
+            const lanes_t k = load_lanes(key_block + d * bs + j1);
+            for (int t = 0; t < tile; t++) a[t] += q[t * D + d] * k;
+        }
+        for (int t = 0; t < tile; t++) store_lanes(s + t * width + j1, a[t]);
+    }
+    if (j1 < bs) /* blocks narrower than LANES */
+        for (int t = 0; t < tile; t++) block_scores(q + t * D, key_block, D, bs, s + t * width);
+}
+
+/* block_values for the `tile` rows whose weights are at p (`width` apart) and accumulators at acc (D
+ * apart), over the block's first `count` keys (weights of keys a row does not see are 0). */
+ALWAYS_INLINE void block_values_tile(const int tile, const float *restrict p, int64_t width,
+                                     const float *restrict value_block, int64_t count, int64_t D,
+                                     float *restrict acc) {
+    int64_t d0 = 0;
+    for (; d0 + LANES <= D; d0 += LANES) {
+        lanes_t a[MAX_TILE];
+        for (int t = 0; t < tile; t++) a[t] = load_lanes(acc + t * D + d0);
+        for (int64_t jj = 0; jj < count; jj++) {
+            const lanes_t v = load_lanes(value_block + jj * D + d0);
+            for (int t = 0; t < tile; t++) a[t] += p[t * width + jj] * v;
+        }
+        for (int t = 0; t < tile; t++) store_lanes(acc + t * D + d0, a[t]);
+    }
+    for (; d0 < D; d0++) /* head sizes that are not a multiple of LANES */
+        for (int t = 0; t < tile; t++)
+            for (int64_t jj = 0; jj < count; jj++) acc[t * D + d0] += p[t * width + jj] * value_block[jj * D + d0];
+}
+
 /* Size in floats of the scratch `paged_attention_f32` needs for its longest chunk. */
 int64_t paged_attention_scratch_floats(int64_t heads, int64_t kv_heads, int64_t D, int64_t bs,
                                        int64_t max_length, int64_t max_context) {
@@ -114,7 +158,7 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
         const int64_t first_row = chunks[4 * c], start = chunks[4 * c + 1], length = chunks[4 * c + 2];
         const int64_t *table = tables + chunks[4 * c + 3];
         const int64_t context = start + length, blocks = (context + bs - 1) / bs, width = blocks * bs;
-        const int64_t rows = group * length; /* row r = g * length + i: query head h * group + g, token i */
+        const int64_t rows = group * length; /* row r = i * group + g: token i, query head h * group + g */
         float *restrict scores = scratch;           /* [rows][width] */
         float *restrict queries = scores + rows * width; /* [rows][D], scaled */
         float *restrict acc = queries + rows * D;   /* [rows][D] */
@@ -123,23 +167,25 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
             for (int64_t g = 0; g < group; g++)
                 for (int64_t i = 0; i < length; i++) {
                     const float *q = query + ((first_row + i) * heads + h * group + g) * D;
-                    float *row = queries + (g * length + i) * D;
+                    float *row = queries + (i * group + g) * D;
                     for (int64_t d = 0; d < D; d++) row[d] = q[d] * scale;
                 }
-            /* Scores, block by block: each key block is read once and used by every row that sees it. */
+            /* Scores, block by block: each key block is read once and used by every row that sees it
+             * (the rows of tokens first_i on: the last ones), 8 or 4 rows at a time, then one by one. */
             for (int64_t b = 0; b < blocks; b++) {
                 if (b + 2 < blocks) prefetch_block(keys + table[b + 2] * bs * D, block_bytes);
                 const float *key_block = keys + table[b] * bs * D;
                 const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0;
-                for (int64_t g = 0; g < group; g++)
-                    for (int64_t i = first_i; i < length; i++) {
-                        const int64_t r = g * length + i;
-                        block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0);
-                    }
+                int64_t r = first_i * group;
+                for (; r + 8 <= rows; r += 8)
+                    block_scores_tile(8, queries + r * D, key_block, D, bs, scores + r * width + j0, width);
+                for (; r + 4 <= rows; r += 4)
+                    block_scores_tile(4, queries + r * D, key_block, D, bs, scores + r * width + j0, width);
+                for (; r < rows; r++) block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0);
             }
             /* Softmax over the keys each row sees; the rest weigh nothing. */
             for (int64_t r = 0; r < rows; r++) {
-                const int64_t seen = start + r % length + 1;
+                const int64_t seen = start + r / group + 1;
                 float *s = scores + r * width;
                 float top = -FLT_MAX, sum = 0.0f;
 #pragma omp simd reduction(max : top)
@@ -153,22 +199,28 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
                 const float inverse = 1.0f / sum;
 #pragma omp simd
                 for (int64_t j = 0; j < seen; j++) s[j] *= inverse;
+                for (int64_t j = seen; j < context; j++) s[j] = 0.0f; /* the chunk's later keys: a tile reads them */
                 memset(acc + r * D, 0, D * sizeof(float));
             }
-            /* Weighted values, block by block, like the scores. */
+            /* Weighted values, block by block, like the scores. A tile takes the keys up to `context`
+             * (weight 0 past a row's own position); slots past `context` were never written. */
             for (int64_t b = 0; b < blocks; b++) {
                 if (b + 2 < blocks) prefetch_block(values + table[b + 2] * bs * D, block_bytes);
                 const float *value_block = values + table[b] * bs * D;
-                const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0;
-                for (int64_t g = 0; g < group; g++)
-                    for (int64_t i = first_i; i < length; i++) {
-                        const int64_t r = g * length + i, seen = start + i + 1;
-                        block_values(scores + r * width + j0, value_block, min64(bs, seen - j0), D, acc + r * D);
-                    }
+                const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0, count = min64(bs, context - j0);
+                int64_t r = first_i * group;
+                for (; r + 8 <= rows; r += 8)
+                    block_values_tile(8, scores + r * width + j0, width, value_block, count, D, acc + r * D);
+                for (; r + 4 <= rows; r += 4)
+                    block_values_tile(4, scores + r * width + j0, width, value_block, count, D, acc + r * D);
+                for (; r < rows; r++) {
+                    const int64_t seen = start + r / group + 1;
+                    block_values(scores + r * width + j0, value_block, min64(bs, seen - j0), D, acc + r * D);
+                }
             }
             for (int64_t g = 0; g < group; g++)
                 for (int64_t i = 0; i < length; i++)
-                    memcpy(out + ((first_row + i) * heads + h * group + g) * D, acc + (g * length + i) * D,
+                    memcpy(out + ((first_row + i) * heads + h * group + g) * D, acc + (i * group + g) * D,
                            D * sizeof(float));
         }
     }
