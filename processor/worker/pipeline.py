@@ -19,7 +19,8 @@ from processor.worker.session_store import Session, SessionStore
 
 class StepChain:
     def __init__(self, depth: int = 2) -> None:
-        self.depth = depth  # finishes in flight at most; the next prepare waits beyond that
+        # Finishes in flight at most (WorkerSettings.steps_in_flight); the next prepare waits beyond that.
+        self.depth = depth
         self._tasks: deque[asyncio.Task[None]] = deque()
 
     def __len__(self) -> int:

@@ -93,6 +93,12 @@ class WorkerSettings(BaseSettings):
     max_batch_conversations: int = Field(default=512, ge=1)
     poll_max_records: int = Field(default=2000, ge=1, description="Records per consumer poll (one step).")
     poll_timeout_ms: int = Field(default=5, ge=0)
+    steps_in_flight: int = Field(
+        default=3,
+        ge=1,
+        description="Steps publishing, saving and committing while the next one is prepared. Under load "
+        "a step's finish (broker acks, Redis, commit) outlasts its preparation: 3 measured better than 2.",
+    )
 
     # Limits on input (issue 6: hostile input must not exhaust anything).
     max_record_bytes: int = Field(default=1_048_576, ge=64)

@@ -144,7 +144,7 @@ class Worker:
         self.publisher = BatchPublisher(producer)
         self.metrics = metrics
         # The engine's history must settle on this same chain (`or` would replace an empty one: len 0).
-        self.chain = chain if chain is not None else StepChain()
+        self.chain = chain if chain is not None else StepChain(settings.steps_in_flight)
         self.history = SettledHistory(store, self.chain)
         self.sessions = SessionCache()
         # Finishes overlap; a step's records must reach each partition's queue before the next step's
@@ -556,7 +556,7 @@ async def serve(
     store = SessionStore(
         redis, settings.redis_key_prefix, settings.session_ttl, settings.ended_session_ttl, settings.worker_id
     )
-    chain = StepChain()
+    chain = StepChain(settings.steps_in_flight)
     engine = GuardEngine(model, engine_config(settings))
     front = AsyncGuardEngine(engine, history=SettledHistory(store, chain))
     await ensure_topics(settings)
