@@ -95,7 +95,7 @@ class TurnWriter:
                     state = self._close(state, fed, explicit=False)
                 state = self._open(state, event.role, fed)
             state = self._add_content(state, event, fed)
-        if (event.end_of_turn or event.end_of_conversation) and state.open_role is not None:
+        if event.closes_turn and state.open_role is not None:
             state = self._close(state, fed, explicit=True)
         return state, fed
 
