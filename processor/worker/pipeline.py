@@ -18,7 +18,7 @@ from processor.worker.session_store import Session, SessionStore
 
 
 class StepChain:
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int) -> None:
         # Finishes in flight at most (WorkerSettings.steps_in_flight); the next prepare waits beyond that.
         self.depth = depth
         self._tasks: deque[asyncio.Task[None]] = deque()

@@ -53,7 +53,7 @@ async def test_wait_keeps_the_newest_in_flight():
 
 
 async def test_settled_history_reads_after_the_finishes_in_flight():
-    chain, written = StepChain(), []
+    chain, written = StepChain(depth=2), []
 
     class Store:
         async def load(self, conversation_id: str, length: int) -> list[int]:

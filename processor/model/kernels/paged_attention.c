@@ -114,8 +114,12 @@ ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, co
         }
         for (int t = 0; t < tile; t++) store_lanes(s + t * width + j1, a[t]);
     }
-    if (j1 < bs) /* blocks narrower than LANES */
-        for (int t = 0; t < tile; t++) block_scores(q + t * D, key_block, D, bs, s + t * width);
+    for (; j1 < bs; j1++) /* blocks narrower than LANES */
+        for (int t = 0; t < tile; t++) {
+            float sum = 0.0f;
+            for (int64_t d = 0; d < D; d++) sum += q[t * D + d] * key_block[d * bs + j1];
+            s[t * width + j1] = sum;
+        }
 }
 
 /* block_values for the `tile` rows whose weights are at p (`width` apart) and accumulators at acc (D
