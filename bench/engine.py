@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from processor.engine import EngineConfig, GuardEngine
-from processor.engine.kv_cache import bytes_per_token
+from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
 from processor.model.attention import resolve_attention_backend
 from processor.model.config import GuardConfig
 from processor.model.loader import GuardModel, load_guard_model
@@ -86,10 +86,16 @@ def make_engine(
 
 
 def engine_for_tokens(
-    model: GuardModel, tokens: int, conversations: int, batch_tokens: int = 4096, backend: str | None = None
+    model: GuardModel,
+    tokens: int,
+    conversations: int,
+    batch_tokens: int = 4096,
+    backend: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> GuardEngine:
     block = 16
-    budget = (tokens // block + 4 + conversations) * block * bytes_per_token(model.config, model.dtype)
+    element = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype)
+    budget = (tokens // block + 4 + conversations) * block * bytes_per_token(model.config, element)
     return GuardEngine(
         model,
         EngineConfig(
@@ -98,12 +104,13 @@ def engine_for_tokens(
             max_batch_tokens=batch_tokens,
             max_batch_conversations=max(conversations, 1),
             attention_backend=backend or BACKEND,
+            kv_cache_dtype=kv_cache_dtype,
         ),
     )
 
 
-def cpu_kernel_runs(model: GuardModel) -> bool:
-    return resolve_attention_backend("auto", model.device, model.dtype) == "paged_cpu"
+def cpu_kernel_runs(model: GuardModel, cache_dtype: torch.dtype | None = None) -> bool:
+    return resolve_attention_backend("auto", model.device, model.dtype, cache_dtype) == "paged_cpu"
 
 
 def synchronize(model: GuardModel) -> None:
@@ -223,15 +230,22 @@ def uneven_steps(
 
 
 def backends_side_by_side(
-    model: GuardModel, backends: list[str], conversations: int, context: int, steps: int, rng: random.Random
+    model: GuardModel,
+    variants: dict[str, tuple[str, str]],
+    conversations: int,
+    context: int,
+    steps: int,
+    rng: random.Random,
 ) -> list[Row]:
-    """Worker-like steps (every conversation bringing 1 to 9 tokens) on one engine per attention
-    backend, the engines taking turns step by step with the same tokens, so that each sees the same
-    machine and contexts."""
+    """Worker-like steps (every conversation bringing 1 to 9 tokens) on one engine per variant
+    (label: attention backend, KV cache dtype), the engines taking turns step by step with the same
+    tokens, so that each sees the same machine and contexts."""
     tokens_needed = conversations * (context + 9 * steps + 16)
     engines = {
-        name: engine_for_tokens(model, tokens_needed, conversations, backend=name) for name in backends
+        name: engine_for_tokens(model, tokens_needed, conversations, backend=backend, kv_cache_dtype=cache)
+        for name, (backend, cache) in variants.items()
     }
+    backends = list(variants)
     streams = {f"w{index}": random_tokens(rng, context) for index in range(conversations)}
     for engine in engines.values():
         for conversation_id, stream in streams.items():
@@ -250,7 +264,7 @@ def backends_side_by_side(
             synchronize(model)
             seconds[name] += time.perf_counter() - started
     return [
-        Row(f"C worker steps, {name} attention", conversations, context, tokens[name], seconds[name])
+        Row(f"C worker steps, {name}", conversations, context, tokens[name], seconds[name])
         for name in backends
     ]
 
@@ -328,9 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         rows += [short, long, ragged]
         padded, classes = uneven_steps(model, 64, 768, 12, rng)
         rows += [padded, classes]
-        backends = ["sdpa"] + (["paged_cpu"] if cpu_kernel_runs(model) else [])
+        variants = {"sdpa attention": ("sdpa", "auto")}
+        if cpu_kernel_runs(model):
+            variants["paged_cpu attention"] = ("paged_cpu", "auto")
+            if cpu_kernel_runs(model, torch.float16):
+                variants["paged_cpu attention, float16 KV"] = ("paged_cpu", "float16")
         side_by_side = {
-            context: backends_side_by_side(model, backends, 200, context, 8, rng) for context in (256, 1024)
+            context: backends_side_by_side(model, variants, 200, context, 8, rng) for context in (256, 1024)
         }
         for pair in side_by_side.values():
             rows += pair
@@ -348,15 +366,17 @@ def main(argv: list[str] | None = None) -> int:
         "padded_over_query_classes_cost": padded.ms_per_token / classes.ms_per_token,
     }
     for context, pair in side_by_side.items():
-        if len(pair) == 2:  # sdpa against the C kernel at the worker's step shape
+        if len(pair) >= 2:  # sdpa against the C kernel at the worker's step shape
             ratios[f"sdpa_over_paged_cpu_cost_{context}"] = pair[0].ms_per_token / pair[1].ms_per_token
+        if len(pair) == 3:  # the C kernel over a float32 cache against a float16 one
+            ratios[f"f32_over_f16_cache_cost_{context}"] = pair[1].ms_per_token / pair[2].ms_per_token
     threads = torch.get_num_threads()
     print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}", end=" ")
     print(f"backend={BACKEND} threads={threads}")
-    print(f"{'variant':44} {'convs':>6} {'context':>8} {'tokens':>8} {'tokens/s':>12} {'ms/token':>10}")
+    print(f"{'variant':48} {'convs':>6} {'context':>8} {'tokens':>8} {'tokens/s':>12} {'ms/token':>10}")
     for row in rows:
         print(
-            f"{row.variant:44} {row.conversations:>6} {row.context:>8} {row.tokens:>8} "
+            f"{row.variant:48} {row.conversations:>6} {row.context:>8} {row.tokens:>8} "
             f"{row.tokens_per_second:>12,.1f} {row.ms_per_token:>10.3f}"
         )
     print(

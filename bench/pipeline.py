@@ -325,7 +325,8 @@ def kv_cache_bytes(args, conversations: int, tokens_each: list[int]) -> int | No
     try:
         config = json.loads((Path(args.model) / "config.json").read_text())
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        element = 2 if args.dtype in ("bfloat16", "float16") else 4
+        stored = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else args.dtype
+        element = 2 if stored in ("bfloat16", "float16") else 4
         per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * element
     except (OSError, ValueError, KeyError):
         return MIN_CPU_KV_CACHE_BYTES
@@ -354,6 +355,7 @@ def worker_process(args, bootstrap: str, redis_url: str, prefix: str, cache_byte
         environment["GUARDSTREAM_DTYPE"] = args.dtype
     if args.attention_backend:
         environment["GUARDSTREAM_ATTENTION_BACKEND"] = args.attention_backend
+    environment["GUARDSTREAM_KV_CACHE_DTYPE"] = args.kv_cache_dtype
     if cache_bytes:
         environment["GUARDSTREAM_KV_CACHE_BYTES"] = str(cache_bytes)
     worker = subprocess.Popen(
@@ -794,6 +796,12 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="checkpoint folder (guardstream make-test-model DIR)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the worker's --kv-cache-dtype (auto: the model's dtype)",
+    )
     parser.add_argument("--kafka-bootstrap")
     parser.add_argument("--redis-url")
     parser.add_argument("--conversations", type=int, default=200, help="conversations per offered rate")

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from processor.engine.block_manager import BlockManager
 from processor.engine.host_memory import keep_freed_host_memory
-from processor.engine.kv_cache import allocate_kv_cache, bytes_per_token, cache_budget_bytes
+from processor.engine.kv_cache import (
+    allocate_kv_cache,
+    bytes_per_token,
+    cache_budget_bytes,
+    resolve_kv_cache_dtype,
+)
 from processor.engine.model_runner import ModelRunner
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
 from processor.engine.scheduler import ScheduledChunk, Scheduler
@@ -34,6 +39,10 @@ class EngineConfig:
     max_batch_conversations: int = 512
     # "auto": the C paged-attention kernel on a CPU in float32 (when it builds), SDPA elsewhere.
     attention_backend: str = "auto"
+    # Keys and values stored as: "auto" (the model's dtype), "float16", "bfloat16" or "float32".
+    # A narrower cache holds more tokens per byte and is read faster (the C kernel reads float16 on a
+    # float32 model: ~25-45% less time), at the cost of rounding each key and value once.
+    kv_cache_dtype: str = "auto"
     keep_probabilities: bool = False  # per-class probabilities in results (`score --all-heads`)
 
 
@@ -62,7 +71,8 @@ class GuardEngine:
         self.config = config or EngineConfig()
         if model.device.type == "cpu":
             keep_freed_host_memory()
-        per_token = bytes_per_token(model.config, model.dtype)
+        cache_dtype = resolve_kv_cache_dtype(self.config.kv_cache_dtype, model.dtype)
+        per_token = bytes_per_token(model.config, cache_dtype)
         budget = cache_budget_bytes(model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction)
         num_blocks = budget // (per_token * self.config.block_size)
         if num_blocks < 1:
@@ -72,12 +82,12 @@ class GuardEngine:
             )
         self.blocks = BlockManager(num_blocks, self.config.block_size)
         kv_cache = allocate_kv_cache(
-            model.config, num_blocks, self.config.block_size, model.device, model.dtype
+            model.config, num_blocks, self.config.block_size, model.device, cache_dtype
         )
         self.attention_backend = resolve_attention_backend(
-            self.config.attention_backend, model.device, model.dtype
+            self.config.attention_backend, model.device, model.dtype, cache_dtype
         )
-        log.info("attention backend: %s", self.attention_backend)
+        log.info("attention backend: %s; KV cache: %s", self.attention_backend, cache_dtype)
         self.runner = ModelRunner(model, kv_cache, self.blocks, get_attention_backend(self.attention_backend))
         self.scheduler = Scheduler(
             self.blocks, self.config.max_batch_tokens, self.config.max_batch_conversations, self._evict

@@ -13,6 +13,21 @@ def bytes_per_token(config: GuardConfig, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
 
 
+# `--kv-cache-dtype`: "auto" stores keys and values in the model's dtype.
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for a setting ("auto" or a KV_CACHE_DTYPES name)."""
+    if name == "auto":
+        return model_dtype
+    try:
+        return KV_CACHE_DTYPES[name]
+    except KeyError:
+        choices = ", ".join(["auto", *KV_CACHE_DTYPES])
+        raise ValueError(f"unknown KV cache dtype {name!r}; choose one of {choices}") from None
+
+
 # Without a budget, a CPU engine takes this much; a GPU one takes a fraction of free device memory.
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
 

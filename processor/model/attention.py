@@ -288,7 +288,7 @@ def paged_cpu_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
-    """The C kernel over the paged cache: no gather, no padding, no mask (CPU, float32)."""
+    """The C kernel over the paged cache: no gather, no padding, no mask (CPU, float32; cache float32/16)."""
     assert batch.paged is not None, "the paged_cpu backend needs AttentionBatch.paged"
     kernel = cpu_kernel.require()
     paged = batch.paged
@@ -296,7 +296,7 @@ def paged_cpu_attention(
     size = kernel.scratch_floats(
         heads, kv_layer.shape[1], head_dim, batch.block_size, paged.max_length, paged.max_context
     )
-    scratch = functools.partial(_paged_scratch, batch.scratch, size, kv_layer)
+    scratch = functools.partial(_paged_scratch, batch.scratch, size, query)  # float32, as the kernel computes
     return kernel.attend(
         query,
         key,
@@ -321,20 +321,27 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "flex": flex_packed_attention,
     "paged_cpu": paged_cpu_attention,
 }
-CPU_ONLY_BACKENDS = frozenset({"paged_cpu"})  # the C kernel: host memory, float32
+CPU_ONLY_BACKENDS = frozenset({"paged_cpu"})  # the C kernel: host memory, float32 compute
 
 
-def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`name`, or for "auto" the fastest that runs here: the C kernel on a CPU in float32 when it
-    builds, SDPA otherwise. A backend that cannot run on this device or dtype is an error."""
+def resolve_attention_backend(
+    name: str, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None
+) -> str:
+    """`name`, or for "auto" the fastest that runs here: the C kernel on a CPU in float32 (over a cache
+    it reads: float32, or float16 where it was built with it) when it builds, SDPA otherwise. A backend
+    that cannot run on this device, dtype or cache dtype is an error."""
+    cache_dtype = cache_dtype or dtype
     if name == "auto":
-        usable = device.type == "cpu" and dtype == torch.float32 and cpu_kernel.load() is not None
-        return "paged_cpu" if usable else "sdpa"
+        kernel = cpu_kernel.load() if device.type == "cpu" and dtype == torch.float32 else None
+        return "paged_cpu" if kernel is not None and cache_dtype in kernel.cache_dtypes else "sdpa"
     get_attention_backend(name)  # known?
     if name in CPU_ONLY_BACKENDS:
         if device.type != "cpu" or dtype != torch.float32:
             raise ValueError(f"the {name} attention backend runs on the CPU in float32, not {device} {dtype}")
-        cpu_kernel.require()  # asked for by name: fail at start, not at every step
+        kernel = cpu_kernel.require()  # asked for by name: fail at start, not at every step
+        if cache_dtype not in kernel.cache_dtypes:
+            readable = kernel.describe_cache_dtypes()
+            raise ValueError(f"the {name} attention backend reads a {readable} KV cache, not {cache_dtype}")
     return name
 
 

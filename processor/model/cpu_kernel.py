@@ -45,29 +45,46 @@ class PagedAttentionKernel:
     GIL, so they run at once)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._write = library.paged_kv_write_f32
-        self._write.restype = None
-        self._write.argtypes = [
-            *(_pointer,) * 3,  # key, value, kv
-            *(_int,) * 5,  # slots, tokens, kv_heads, head_dim, block_size
-            _pointer,  # slot_mapping
-        ]
-        self._attend = library.paged_attention_f32
-        self._attend.restype = None
-        self._attend.argtypes = [
-            *(_pointer,) * 3,  # query, out, kv
-            *(_int,) * 5,  # slots, heads, kv_heads, head_dim, block_size
-            _pointer,  # chunks
-            _int,  # chunk count
-            _pointer,  # tables
-            ctypes.c_float,  # scale
-            _pointer,  # scratch
-        ]
+        # One writer and one reader per cache element type; float16 when the compiler had _Float16.
+        self._write: dict[torch.dtype, Callable[..., None]] = {}
+        self._attend: dict[torch.dtype, Callable[..., None]] = {}
+        library.paged_kv_half_supported.restype = ctypes.c_int
+        suffixes = {torch.float32: "f32"}
+        if library.paged_kv_half_supported():
+            suffixes[torch.float16] = "f16"
+        for dtype, suffix in suffixes.items():
+            write = getattr(library, f"paged_kv_write_{suffix}")
+            write.restype = None
+            write.argtypes = [
+                *(_pointer,) * 3,  # key, value, kv
+                *(_int,) * 5,  # slots, tokens, kv_heads, head_dim, block_size
+                _pointer,  # slot_mapping
+            ]
+            attend = getattr(library, f"paged_attention_{suffix}")
+            attend.restype = None
+            attend.argtypes = [
+                *(_pointer,) * 3,  # query, out, kv
+                *(_int,) * 5,  # slots, heads, kv_heads, head_dim, block_size
+                _pointer,  # chunks
+                _int,  # chunk count
+                _pointer,  # tables
+                ctypes.c_float,  # scale
+                _pointer,  # scratch
+            ]
+            self._write[dtype], self._attend[dtype] = write, attend
         self._scratch_floats = library.paged_attention_scratch_floats
         self._scratch_floats.restype = _int
         self._scratch_floats.argtypes = [_int] * 6
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+
+    @property
+    def cache_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Element types of a cache this build reads: float32, and float16 where the compiler can."""
+        return tuple(self._attend)
+
+    def describe_cache_dtypes(self) -> str:
+        return " or ".join(str(dtype).removeprefix("torch.") for dtype in self.cache_dtypes)
 
     def scratch_floats(
         self, heads: int, kv_heads: int, head_dim: int, block_size: int, max_length: int, max_context: int
@@ -91,16 +108,20 @@ class PagedAttentionKernel:
     ) -> torch.Tensor:
         """Writes the new keys and values into `kv_layer`, returns the attention output [T, heads, D].
 
-        query [T, heads, D], key/value [T, kv_heads, D], kv_layer [2, kv_heads, slots, D] (float32,
-        contiguous, keys transposed within their blocks); chunks [C, 4] and tables int64, as the C
-        source describes. `runs` ([first, last) chunk ranges, `split_by_work`) run on threads at once;
-        `scratch(part)` gives part's float32 buffer of at least `scratch_floats(...)`.
+        query [T, heads, D], key/value [T, kv_heads, D] (float32), kv_layer [2, kv_heads, slots, D]
+        (one of `cache_dtypes`, contiguous, keys transposed within their blocks); chunks [C, 4] and
+        tables int64, as the C source describes. `runs` ([first, last) chunk ranges, `split_by_work`)
+        run on threads at once; `scratch(part)` gives part's float32 buffer of at least
+        `scratch_floats(...)`.
         """
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         tokens, heads, head_dim = query.shape
         kv_heads, slots = kv_layer.shape[1], kv_layer.shape[2]
         _check_layout(query, key, value, kv_layer, slot_mapping, chunks, tables)
-        self._write(
+        if kv_layer.dtype not in self._attend:
+            raise ValueError(f"the kernel reads a {self.describe_cache_dtypes()} cache, not {kv_layer.dtype}")
+        attend = self._attend[kv_layer.dtype]
+        self._write[kv_layer.dtype](
             key.data_ptr(),
             value.data_ptr(),
             kv_layer.data_ptr(),
@@ -114,7 +135,7 @@ class PagedAttentionKernel:
         out = torch.empty_like(query)
 
         def run(part: int, first: int, last: int) -> None:
-            self._attend(
+            attend(
                 query.data_ptr(),
                 out.data_ptr(),
                 kv_layer.data_ptr(),
@@ -152,9 +173,10 @@ def _check_layout(
 ) -> None:
     """The kernel reads raw pointers: a tensor of another dtype, device or layout would be read as
     garbage or past its end, so it is refused here instead (a few checks per layer)."""
-    floats = (query, key, value, kv_layer)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (query, key, value)):
         raise ValueError("the CPU paged-attention kernel takes float32 tensors on the CPU")
+    if kv_layer.device.type != "cpu":
+        raise ValueError("the CPU paged-attention kernel reads a cache in host memory")
     indexes = (slot_mapping, chunks, tables)
     if any(t.dtype != torch.int64 or not t.is_contiguous() for t in indexes):
         raise ValueError("slot mapping, chunks and tables must be contiguous int64 tensors")

@@ -66,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per WorkerSettings field; unset flags leave the environment (or default) in charge."""
     for name, field in WorkerSettings.model_fields.items():
-        options: dict[str, typing.Any] = {"default": argparse.SUPPRESS, "help": field.description}
+        # argparse %-formats help texts: a literal % in a description must reach it doubled.
+        described = field.description and field.description.replace("%", "%%")
+        options: dict[str, typing.Any] = {"default": argparse.SUPPRESS, "help": described}
         choices = _choices(field.annotation)
         if choices:
             options["choices"] = choices

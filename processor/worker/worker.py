@@ -537,6 +537,7 @@ def engine_config(settings: WorkerSettings) -> EngineConfig:
         max_batch_tokens=settings.max_batch_tokens,
         max_batch_conversations=settings.max_batch_conversations,
         attention_backend=settings.attention_backend,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
 
 

@@ -21,7 +21,7 @@ CASES = [
 ]
 
 
-def run_mixed_batch(model, backend: str) -> dict[str, list[float]]:
+def run_mixed_batch(model, backend: str, kv_cache_dtype: str = "auto") -> dict[str, list[float]]:
     rng = random.Random(11)
     engine = GuardEngine(
         model,
@@ -30,6 +30,7 @@ def run_mixed_batch(model, backend: str) -> dict[str, list[float]]:
             kv_cache_bytes=2048 * bytes_per_token(model.config, model.dtype),
             attention_backend=backend,
             keep_probabilities=True,
+            kv_cache_dtype=kv_cache_dtype,
         ),
     )
     conversations = {
@@ -57,3 +58,35 @@ def test_backend_matches_portable_sdpa(tiny_model_dir, backend, device):
     for name in expected:
         difference = (torch.tensor(actual[name]) - torch.tensor(expected[name])).abs().max().item()
         assert difference < 1e-4, f"{backend} on {device}, {name}: {difference}"
+
+
+def max_difference(actual: dict[str, list[float]], expected: dict[str, list[float]]) -> float:
+    return max(
+        (torch.tensor(actual[name]) - torch.tensor(expected[name])).abs().max().item() for name in expected
+    )
+
+
+@pytest.mark.parametrize("backend", sorted(set(ATTENTION_BACKENDS) - {"sdpa"}))
+def test_a_float16_cache_reads_the_same_in_every_backend(tiny_model_dir, backend):
+    """The C kernel reads float16 keys and values natively, SDPA and flex widen them first: the same
+    rounded cache, the same results."""
+    model = load_guard_model(tiny_model_dir, device="cpu", dtype="float32")
+    expected = run_mixed_batch(model, "sdpa", "float16")
+    assert max_difference(run_mixed_batch(model, backend, "float16"), expected) < 1e-4
+
+
+def test_a_float16_cache_rounds_but_stays_close_to_the_exact_one(tiny_model_dir):
+    """The price of half the bytes: every key and value rounded once (float16 keeps 11 bits), so the
+    probabilities move a little, not much; and the same budget holds twice the tokens."""
+    model = load_guard_model(tiny_model_dir, device="cpu", dtype="float32")
+    exact = run_mixed_batch(model, "paged_cpu")
+    rounded = run_mixed_batch(model, "paged_cpu", "float16")
+    assert 0 < max_difference(rounded, exact) < 1e-3  # 1.8e-4 on the tiny model
+    budget = 4096 * bytes_per_token(model.config, torch.float32)
+    engines = [
+        GuardEngine(model, EngineConfig(kv_cache_bytes=budget, kv_cache_dtype=name))
+        for name in ("auto", "float16")
+    ]
+    assert engines[1].stats().blocks_free == 2 * engines[0].stats().blocks_free
+    with pytest.raises(ValueError, match="unknown KV cache dtype 'half'"):
+        GuardEngine(model, EngineConfig(kv_cache_bytes=budget, kv_cache_dtype="half"))

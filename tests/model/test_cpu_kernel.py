@@ -36,9 +36,18 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 class PagedLayer:
     """One layer's cache with conversations in shuffled blocks, fed chunk by chunk through the kernel."""
 
-    def __init__(self, kernel, kv_heads: int, head_dim: int, block_size: int, blocks: int, seed: int) -> None:
+    def __init__(
+        self,
+        kernel,
+        kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        blocks: int,
+        seed: int,
+        cache_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.kernel, self.block_size = kernel, block_size
-        self.cache = torch.zeros(2, kv_heads, blocks * block_size, head_dim)
+        self.cache = torch.zeros(2, kv_heads, blocks * block_size, head_dim, dtype=cache_dtype)
         self.free = list(range(1, blocks))  # block 0 left unused, as the engine's padding block
         random.Random(seed).shuffle(self.free)
         self.tables: dict[str, list[int]] = {}
@@ -86,16 +95,28 @@ class PagedLayer:
         )
 
 
+CACHE_DTYPES = [torch.float32, torch.float16]
+
+
+def stored(tensor: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of `cache_dtype` holds of a float32 tensor: rounded to it once."""
+    return tensor.to(cache_dtype).float()
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize(
     ("block_size", "head_dim", "heads", "kv_heads"),
     [(16, 16, 4, 2), (8, 16, 4, 2), (16, 32, 8, 4), (32, 24, 4, 4), (4, 128, 16, 8), (16, 8, 2, 1)],
 )
-def test_kernel_matches_dense_causal_attention(kernel, block_size, head_dim, heads, kv_heads):
+def test_kernel_matches_dense_causal_attention(kernel, block_size, head_dim, heads, kv_heads, cache_dtype):
     """Prompts, then steps of 1 to 40 new tokens per conversation, across block boundaries; every
-    output equals dense attention over the conversation's whole sequence so far."""
+    output equals dense attention over the conversation's whole sequence so far (over the keys and
+    values as the cache holds them: a float16 cache rounds each once, and nothing else changes)."""
+    assert cache_dtype in kernel.cache_dtypes, f"this build of the kernel cannot read a {cache_dtype} cache"
     rng = random.Random(block_size * 1000 + head_dim)
     generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
-    layer = PagedLayer(kernel, kv_heads, head_dim, block_size, blocks=400, seed=rng.randrange(1 << 30))
+    seed = rng.randrange(1 << 30)
+    layer = PagedLayer(kernel, kv_heads, head_dim, block_size, blocks=400, seed=seed, cache_dtype=cache_dtype)
     scale = head_dim**-0.5
     history: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     conversations = [f"c{index}" for index in range(5)]
@@ -112,8 +133,8 @@ def test_kernel_matches_dense_causal_attention(kernel, block_size, head_dim, hea
         row = 0
         for conversation, length in lengths.items():
             keys, values = history.get(conversation, (key[:0], value[:0]))
-            keys = torch.cat([keys, key[row : row + length]])
-            values = torch.cat([values, value[row : row + length]])
+            keys = torch.cat([keys, stored(key[row : row + length], cache_dtype)])
+            values = torch.cat([values, stored(value[row : row + length], cache_dtype)])
             history[conversation] = (keys, values)
             start = keys.shape[0] - length
             expected = dense_attention(query[row : row + length], keys, values, start, scale)
@@ -164,12 +185,16 @@ def test_tensors_the_kernel_cannot_read_are_refused_not_read(kernel):
     layer.cache = layer.cache.transpose(2, 3)  # [2, kv_heads, head_dim, slots]: a view, not contiguous
     with pytest.raises(ValueError, match="kv_layer"):
         layer.step({"c": 3}, query, key, value, 0.25)
+    layer.cache = torch.zeros(2, 2, 8 * 16, 16, dtype=torch.bfloat16)  # a dtype it has no reader for
+    with pytest.raises(ValueError, match=r"cache, not torch\.bfloat16"):
+        layer.step({"d": 3}, query, key, value, 0.25)
 
 
-def test_keys_are_stored_transposed_within_their_block_and_values_as_rows(kernel):
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_keys_are_stored_transposed_within_their_block_and_values_as_rows(kernel, cache_dtype):
     """The cache layout the kernel's reads rely on (and that no other backend reads)."""
     block_size, head_dim = 4, 16
-    layer = PagedLayer(kernel, 2, head_dim, block_size, blocks=8, seed=0)
+    layer = PagedLayer(kernel, 2, head_dim, block_size, blocks=8, seed=0, cache_dtype=cache_dtype)
     key = torch.randn(6, 2, head_dim)
     value = torch.randn(6, 2, head_dim)
     layer.step({"a": 6}, torch.randn(6, 4, head_dim), key, value, 0.25)
@@ -178,8 +203,8 @@ def test_keys_are_stored_transposed_within_their_block_and_values_as_rows(kernel
         block, offset = table[position // block_size], position % block_size
         slots = slice(block * block_size, (block + 1) * block_size)
         key_block = layer.cache[0, :, slots].reshape(2, head_dim, block_size)
-        assert torch.equal(key_block[:, :, offset], key[position])
-        assert torch.equal(layer.cache[1, :, block * block_size + offset], value[position])
+        assert torch.equal(key_block[:, :, offset], key[position].to(cache_dtype))
+        assert torch.equal(layer.cache[1, :, block * block_size + offset], value[position].to(cache_dtype))
 
 
 def test_build_is_cached_by_source_flags_and_cpu(tmp_path):
@@ -214,6 +239,8 @@ def test_auto_picks_the_kernel_on_a_cpu_in_float32_and_sdpa_elsewhere(monkeypatc
     assert resolve_attention_backend("auto", cpu, torch.bfloat16) == "sdpa"
     assert resolve_attention_backend("auto", cuda, torch.float32) == "sdpa"
     assert resolve_attention_backend("sdpa", cpu, torch.float32) == "sdpa"
+    assert resolve_attention_backend("auto", cpu, torch.float32, torch.float16) == "paged_cpu"
+    assert resolve_attention_backend("auto", cpu, torch.float32, torch.bfloat16) == "sdpa"  # no reader
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)  # a machine without a compiler
     assert resolve_attention_backend("auto", cpu, torch.float32) == "sdpa"
     with pytest.raises(cpu_kernel.KernelUnavailableError):  # asked for by name: an error at start
@@ -227,3 +254,5 @@ def test_paged_cpu_is_refused_where_it_cannot_run():
         resolve_attention_backend("paged_cpu", torch.device("cuda"), torch.float32)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_attention_backend("fast", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match=r"KV cache, not torch\.bfloat16"):
+        resolve_attention_backend("paged_cpu", torch.device("cpu"), torch.float32, torch.bfloat16)

@@ -29,6 +29,19 @@ def test_flags_override_environment(monkeypatch):
     assert settings.partitions == 5 and settings.template == "raw" and settings.kafka_bootstrap == "k:1"
 
 
+def test_worker_help_lists_every_setting(capsys):
+    """argparse %-formats help texts: a description with a literal % once broke `worker --help`."""
+    from processor.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser("worker").parse_args(["worker", "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for name in WorkerSettings.model_fields:
+        assert f"--{name.replace('_', '-')}" in shown, name
+    assert "25-45% faster" in shown  # the kv-cache-dtype text, % and all
+
+
 def test_secrets_never_logged(caplog):
     settings = WorkerSettings(
         security_protocol="SASL_SSL",
@@ -54,11 +67,16 @@ def test_redact_url():
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
-def test_attention_backend_reaches_the_engine_config(monkeypatch):
+def test_attention_backend_and_cache_dtype_reach_the_engine_config(monkeypatch):
     from processor.worker.worker import engine_config
 
     assert engine_config(WorkerSettings()).attention_backend == "auto"
+    assert engine_config(WorkerSettings()).kv_cache_dtype == "auto"
     monkeypatch.setenv("GUARDSTREAM_ATTENTION_BACKEND", "sdpa")
+    monkeypatch.setenv("GUARDSTREAM_KV_CACHE_DTYPE", "float16")
     assert engine_config(WorkerSettings()).attention_backend == "sdpa"
+    assert engine_config(WorkerSettings()).kv_cache_dtype == "float16"
     with pytest.raises(ValueError, match="attention_backend"):
         WorkerSettings(attention_backend="fastest")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        WorkerSettings(kv_cache_dtype="int8")

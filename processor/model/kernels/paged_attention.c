@@ -1,4 +1,5 @@
-/* Paged attention for a ragged batch of conversations, on the CPU, in float32.
+/* Paged attention for a ragged batch of conversations, on the CPU, in float32, over a cache of float32
+ * or float16 (`_f16` functions: half the bytes read per key and value, widened in registers).
  *
  * Why our own kernel: on the CPU the portable path copies every conversation's keys and values out of
  * the paged cache into a padded block (gather), builds an additive mask, and runs SDPA over it, so
@@ -20,32 +21,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16 /* one AVX-512 register of floats; also fine for AVX2 (two) */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-/* Bring a block (bytes) towards the cache ahead of use: blocks sit anywhere in a large cache, and
- * without this every block start waited on memory. */
-static inline void prefetch_block(const float *block, int64_t bytes) {
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)block + offset);
-}
-
-/* Store the step's new keys (transposed within their block) and values at their slots; key/value
- * [tokens][kv_heads][D]. */
-void paged_kv_write_f32(const float *restrict key, const float *restrict value, float *restrict kv, int64_t slots,
-                        int64_t tokens, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict slot_mapping) {
-    for (int64_t t = 0; t < tokens; t++) {
-        const int64_t slot = slot_mapping[t], block = slot / bs, offset = slot % bs;
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const float *k = key + (t * kv_heads + h) * D, *v = value + (t * kv_heads + h) * D;
-            float *key_block = kv + h * slots * D + block * bs * D;
-            float *value_row = kv + (kv_heads + h) * slots * D + slot * D;
-            for (int64_t d = 0; d < D; d++) key_block[d * bs + offset] = k[d];
-            memcpy(value_row, v, D * sizeof(float));
-        }
-    }
-}
 
 /* GCC/Clang vector extension: LANES floats kept in registers (one AVX-512 register, two AVX2 ones);
  * the unaligned twin loads and stores at any float address. */
@@ -55,43 +38,124 @@ typedef float lanes_unaligned_t __attribute__((vector_size(LANES * sizeof(float)
 static inline lanes_t load_lanes(const float *from) { return *(const lanes_unaligned_t *)from; }
 static inline void store_lanes(float *to, lanes_t value) { *(lanes_unaligned_t *)to = value; }
 
+/* Cache elements: float, or (half = 1) IEEE float16, chosen per exported function. Every function
+ * that reads the cache takes `half` as a constant and is always inlined, so each exported variant
+ * compiles to its own loop with no branch on the element type. float16 needs the compiler's _Float16
+ * (GCC 12+, Clang 15+ on x86-64 and arm64); without it the _f16 functions report unsupported. */
+#ifdef __FLT16_MAX__
+#define HALF_SUPPORTED 1
+typedef _Float16 half_t;
+typedef _Float16 half_lanes_unaligned_t __attribute__((vector_size(LANES * sizeof(_Float16)), aligned(2)));
+#else
+#define HALF_SUPPORTED 0
+typedef uint16_t half_t; /* placeholder: the _f16 entry points return before reading anything */
+#endif
+
+ALWAYS_INLINE const void *kv_at(const void *base, int64_t index, const int half) {
+    return (const char *)base + index * (half ? (int64_t)sizeof(half_t) : (int64_t)sizeof(float));
+}
+
+ALWAYS_INLINE lanes_t load_kv(const void *from, const int half) {
+    if (!half) return load_lanes((const float *)from);
+#if defined(__AVX512F__)
+    return (lanes_t)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)from));
+#elif defined(__F16C__) && defined(__AVX__)
+    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)from));
+    const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)from + 1));
+    lanes_t widened;
+    memcpy(&widened, &low, sizeof low);
+    memcpy((char *)&widened + sizeof low, &high, sizeof high);
+    return widened;
+#elif HALF_SUPPORTED
+    return __builtin_convertvector(*(const half_lanes_unaligned_t *)from, lanes_t);
+#else
+    return load_lanes((const float *)from); /* unreachable: _f16 entry points refuse first */
+#endif
+}
+
+ALWAYS_INLINE float kv_scalar(const void *base, int64_t index, const int half) {
+    return half ? (float)((const half_t *)base)[index] : ((const float *)base)[index];
+}
+
+/* 1 when this build has the float16 cache functions. */
+int paged_kv_half_supported(void) { return HALF_SUPPORTED; }
+
+/* Bring a block (bytes) towards the cache ahead of use: blocks sit anywhere in a large cache, and
+ * without this every block start waited on memory. */
+static inline void prefetch_block(const void *block, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)block + offset);
+}
+
+/* Store the step's new keys (transposed within their block) and values at their slots; key/value
+ * [tokens][kv_heads][D]. */
+ALWAYS_INLINE void kv_write(const float *restrict key, const float *restrict value, void *restrict kv, int64_t slots,
+                            int64_t tokens, int64_t kv_heads, int64_t D, int64_t bs,
+                            const int64_t *restrict slot_mapping, const int half) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const int64_t slot = slot_mapping[t], block = slot / bs, offset = slot % bs;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const float *k = key + (t * kv_heads + h) * D, *v = value + (t * kv_heads + h) * D;
+            const int64_t key_block = h * slots * D + block * bs * D, value_row = (kv_heads + h) * slots * D + slot * D;
+            for (int64_t d = 0; d < D; d++) {
+                if (half) {
+                    ((half_t *)kv)[key_block + d * bs + offset] = (half_t)k[d];
+                    ((half_t *)kv)[value_row + d] = (half_t)v[d];
+                } else {
+                    ((float *)kv)[key_block + d * bs + offset] = k[d];
+                    ((float *)kv)[value_row + d] = v[d];
+                }
+            }
+        }
+    }
+}
+
+void paged_kv_write_f32(const float *restrict key, const float *restrict value, float *restrict kv, int64_t slots,
+                        int64_t tokens, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict slot_mapping) {
+    kv_write(key, value, kv, slots, tokens, kv_heads, D, bs, slot_mapping, 0);
+}
+
+void paged_kv_write_f16(const float *restrict key, const float *restrict value, void *restrict kv, int64_t slots,
+                        int64_t tokens, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict slot_mapping) {
+    if (HALF_SUPPORTED) kv_write(key, value, kv, slots, tokens, kv_heads, D, bs, slot_mapping, 1);
+}
+
 /* scores[0 .. bs) of one query row against one transposed key block ([D][bs]). */
-static inline void block_scores(const float *restrict q, const float *restrict key_block, int64_t D, int64_t bs,
-                                float *restrict scores) {
+ALWAYS_INLINE void block_scores(const float *restrict q, const void *restrict key_block, int64_t D, int64_t bs,
+                                float *restrict scores, const int half) {
     int64_t j1 = 0;
     for (; j1 + LANES <= bs; j1 += LANES) {
         lanes_t even = {0}, odd = {0}; /* two chains: an FMA's latency, not its throughput, bounds one */
         int64_t d = 0;
         for (; d + 1 < D; d += 2) {
-            even += q[d] * load_lanes(key_block + d * bs + j1);
-            odd += q[d + 1] * load_lanes(key_block + (d + 1) * bs + j1);
+            even += q[d] * load_kv(kv_at(key_block, d * bs + j1, half), half);
+            odd += q[d + 1] * load_kv(kv_at(key_block, (d + 1) * bs + j1, half), half);
         }
-        if (d < D) even += q[d] * load_lanes(key_block + d * bs + j1);
+        if (d < D) even += q[d] * load_kv(kv_at(key_block, d * bs + j1, half), half);
         store_lanes(scores + j1, even + odd);
     }
     for (; j1 < bs; j1++) { /* blocks narrower than LANES */
         float sum = 0.0f;
-        for (int64_t d = 0; d < D; d++) sum += q[d] * key_block[d * bs + j1];
+        for (int64_t d = 0; d < D; d++) sum += q[d] * kv_scalar(key_block, d * bs + j1, half);
         scores[j1] = sum;
     }
 }
 
 /* acc[0 .. D) += sum over the block's first `count` keys of p[jj] * value row jj ([bs][D]). */
-static inline void block_values(const float *restrict p, const float *restrict value_block, int64_t count, int64_t D,
-                                float *restrict acc) {
+ALWAYS_INLINE void block_values(const float *restrict p, const void *restrict value_block, int64_t count, int64_t D,
+                                float *restrict acc, const int half) {
     int64_t d0 = 0;
     for (; d0 + LANES <= D; d0 += LANES) {
         lanes_t even = load_lanes(acc + d0), odd = {0};
         int64_t jj = 0;
         for (; jj + 1 < count; jj += 2) {
-            even += p[jj] * load_lanes(value_block + jj * D + d0);
-            odd += p[jj + 1] * load_lanes(value_block + (jj + 1) * D + d0);
+            even += p[jj] * load_kv(kv_at(value_block, jj * D + d0, half), half);
+            odd += p[jj + 1] * load_kv(kv_at(value_block, (jj + 1) * D + d0, half), half);
         }
-        if (jj < count) even += p[jj] * load_lanes(value_block + jj * D + d0);
+        if (jj < count) even += p[jj] * load_kv(kv_at(value_block, jj * D + d0, half), half);
         store_lanes(acc + d0, even + odd);
     }
     for (; d0 < D; d0++) /* head sizes that are not a multiple of LANES */
-        for (int64_t jj = 0; jj < count; jj++) acc[d0] += p[jj] * value_block[jj * D + d0];
+        for (int64_t jj = 0; jj < count; jj++) acc[d0] += p[jj] * kv_scalar(value_block, jj * D + d0, half);
 }
 
 /* Rows `tile` at a time (consecutive rows: queries D apart, scores `width` apart): each key or value
@@ -99,17 +163,16 @@ static inline void block_values(const float *restrict p, const float *restrict v
  * loads the block again for every row. Always inlined with a constant `tile`, so that the per-row
  * accumulators are registers. */
 #define MAX_TILE 8
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* block_scores for the `tile` rows at q (scores to s), against one transposed key block ([D][bs]). */
-ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, const float *restrict key_block,
-                                     int64_t D, int64_t bs, float *restrict s, int64_t width) {
+ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, const void *restrict key_block,
+                                     int64_t D, int64_t bs, float *restrict s, int64_t width, const int half) {
     int64_t j1 = 0;
     for (; j1 + LANES <= bs; j1 += LANES) {
         lanes_t a[MAX_TILE];
         for (int t = 0; t < tile; t++) a[t] = (lanes_t){0};
         for (int64_t d = 0; d < D; d++) {
-            const lanes_t k = load_lanes(key_block + d * bs + j1);
+            const lanes_t k = load_kv(kv_at(key_block, d * bs + j1, half), half);
             for (int t = 0; t < tile; t++) a[t] += q[t * D + d] * k;
         }
         for (int t = 0; t < tile; t++) store_lanes(s + t * width + j1, a[t]);
@@ -117,7 +180,7 @@ ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, co
     for (; j1 < bs; j1++) /* blocks narrower than LANES */
         for (int t = 0; t < tile; t++) {
             float sum = 0.0f;
-            for (int64_t d = 0; d < D; d++) sum += q[t * D + d] * key_block[d * bs + j1];
+            for (int64_t d = 0; d < D; d++) sum += q[t * D + d] * kv_scalar(key_block, d * bs + j1, half);
             s[t * width + j1] = sum;
         }
 }
@@ -125,21 +188,22 @@ ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, co
 /* block_values for the `tile` rows whose weights are at p (`width` apart) and accumulators at acc (D
  * apart), over the block's first `count` keys (weights of keys a row does not see are 0). */
 ALWAYS_INLINE void block_values_tile(const int tile, const float *restrict p, int64_t width,
-                                     const float *restrict value_block, int64_t count, int64_t D,
-                                     float *restrict acc) {
+                                     const void *restrict value_block, int64_t count, int64_t D,
+                                     float *restrict acc, const int half) {
     int64_t d0 = 0;
     for (; d0 + LANES <= D; d0 += LANES) {
         lanes_t a[MAX_TILE];
         for (int t = 0; t < tile; t++) a[t] = load_lanes(acc + t * D + d0);
         for (int64_t jj = 0; jj < count; jj++) {
-            const lanes_t v = load_lanes(value_block + jj * D + d0);
+            const lanes_t v = load_kv(kv_at(value_block, jj * D + d0, half), half);
             for (int t = 0; t < tile; t++) a[t] += p[t * width + jj] * v;
         }
         for (int t = 0; t < tile; t++) store_lanes(acc + t * D + d0, a[t]);
     }
     for (; d0 < D; d0++) /* head sizes that are not a multiple of LANES */
         for (int t = 0; t < tile; t++)
-            for (int64_t jj = 0; jj < count; jj++) acc[t * D + d0] += p[t * width + jj] * value_block[jj * D + d0];
+            for (int64_t jj = 0; jj < count; jj++)
+                acc[t * D + d0] += p[t * width + jj] * kv_scalar(value_block, jj * D + d0, half);
 }
 
 /* Size in floats of the scratch `paged_attention_f32` needs for its longest chunk. */
@@ -154,10 +218,11 @@ int64_t paged_attention_scratch_floats(int64_t heads, int64_t kv_heads, int64_t 
  * A chunk's token i (position start + i) attends to positions 0 .. start + i of its conversation.
  * Query head h reads KV head h / (heads / kv_heads). Only the chunks' own rows of `out` are written,
  * so disjoint sets of chunks may run on threads at once, each with its own scratch. */
-void paged_attention_f32(const float *restrict query, float *restrict out, const float *restrict kv, int64_t slots,
-                         int64_t heads, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict chunks,
-                         int64_t count, const int64_t *restrict tables, float scale, float *restrict scratch) {
-    const int64_t group = heads / kv_heads, block_bytes = bs * D * (int64_t)sizeof(float);
+ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, const void *restrict kv, int64_t slots,
+                          int64_t heads, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict chunks,
+                          int64_t count, const int64_t *restrict tables, float scale, float *restrict scratch,
+                          const int half) {
+    const int64_t group = heads / kv_heads, block_bytes = bs * D * (half ? (int64_t)sizeof(half_t) : (int64_t)sizeof(float));
     for (int64_t c = 0; c < count; c++) {
         const int64_t first_row = chunks[4 * c], start = chunks[4 * c + 1], length = chunks[4 * c + 2];
         const int64_t *table = tables + chunks[4 * c + 3];
@@ -167,7 +232,7 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
         float *restrict queries = scores + rows * width; /* [rows][D], scaled */
         float *restrict acc = queries + rows * D;   /* [rows][D] */
         for (int64_t h = 0; h < kv_heads; h++) {
-            const float *keys = kv + h * slots * D, *values = kv + (kv_heads + h) * slots * D;
+            const void *keys = kv_at(kv, h * slots * D, half), *values = kv_at(kv, (kv_heads + h) * slots * D, half);
             for (int64_t g = 0; g < group; g++)
                 for (int64_t i = 0; i < length; i++) {
                     const float *q = query + ((first_row + i) * heads + h * group + g) * D;
@@ -177,15 +242,15 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
             /* Scores, block by block: each key block is read once and used by every row that sees it
              * (the rows of tokens first_i on: the last ones), 8 or 4 rows at a time, then one by one. */
             for (int64_t b = 0; b < blocks; b++) {
-                if (b + 2 < blocks) prefetch_block(keys + table[b + 2] * bs * D, block_bytes);
-                const float *key_block = keys + table[b] * bs * D;
+                if (b + 2 < blocks) prefetch_block(kv_at(keys, table[b + 2] * bs * D, half), block_bytes);
+                const void *key_block = kv_at(keys, table[b] * bs * D, half);
                 const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0;
                 int64_t r = first_i * group;
                 for (; r + 8 <= rows; r += 8)
-                    block_scores_tile(8, queries + r * D, key_block, D, bs, scores + r * width + j0, width);
+                    block_scores_tile(8, queries + r * D, key_block, D, bs, scores + r * width + j0, width, half);
                 for (; r + 4 <= rows; r += 4)
-                    block_scores_tile(4, queries + r * D, key_block, D, bs, scores + r * width + j0, width);
-                for (; r < rows; r++) block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0);
+                    block_scores_tile(4, queries + r * D, key_block, D, bs, scores + r * width + j0, width, half);
+                for (; r < rows; r++) block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0, half);
             }
             /* Softmax over the keys each row sees; the rest weigh nothing. */
             for (int64_t r = 0; r < rows; r++) {
@@ -209,17 +274,17 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
             /* Weighted values, block by block, like the scores. A tile takes the keys up to `context`
              * (weight 0 past a row's own position); slots past `context` were never written. */
             for (int64_t b = 0; b < blocks; b++) {
-                if (b + 2 < blocks) prefetch_block(values + table[b + 2] * bs * D, block_bytes);
-                const float *value_block = values + table[b] * bs * D;
+                if (b + 2 < blocks) prefetch_block(kv_at(values, table[b + 2] * bs * D, half), block_bytes);
+                const void *value_block = kv_at(values, table[b] * bs * D, half);
                 const int64_t j0 = b * bs, first_i = j0 > start ? j0 - start : 0, count = min64(bs, context - j0);
                 int64_t r = first_i * group;
                 for (; r + 8 <= rows; r += 8)
-                    block_values_tile(8, scores + r * width + j0, width, value_block, count, D, acc + r * D);
+                    block_values_tile(8, scores + r * width + j0, width, value_block, count, D, acc + r * D, half);
                 for (; r + 4 <= rows; r += 4)
-                    block_values_tile(4, scores + r * width + j0, width, value_block, count, D, acc + r * D);
+                    block_values_tile(4, scores + r * width + j0, width, value_block, count, D, acc + r * D, half);
                 for (; r < rows; r++) {
                     const int64_t seen = start + r / group + 1;
-                    block_values(scores + r * width + j0, value_block, min64(bs, seen - j0), D, acc + r * D);
+                    block_values(scores + r * width + j0, value_block, min64(bs, seen - j0), D, acc + r * D, half);
                 }
             }
             for (int64_t g = 0; g < group; g++)
@@ -228,4 +293,17 @@ void paged_attention_f32(const float *restrict query, float *restrict out, const
                            D * sizeof(float));
         }
     }
+}
+
+void paged_attention_f32(const float *restrict query, float *restrict out, const float *restrict kv, int64_t slots,
+                         int64_t heads, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict chunks,
+                         int64_t count, const int64_t *restrict tables, float scale, float *restrict scratch) {
+    attend(query, out, kv, slots, heads, kv_heads, D, bs, chunks, count, tables, scale, scratch, 0);
+}
+
+/* The same over a float16 cache (written by paged_kv_write_f16). */
+void paged_attention_f16(const float *restrict query, float *restrict out, const void *restrict kv, int64_t slots,
+                         int64_t heads, int64_t kv_heads, int64_t D, int64_t bs, const int64_t *restrict chunks,
+                         int64_t count, const int64_t *restrict tables, float scale, float *restrict scratch) {
+    if (HALF_SUPPORTED) attend(query, out, kv, slots, heads, kv_heads, D, bs, chunks, count, tables, scale, scratch, 1);
 }
