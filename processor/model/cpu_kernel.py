@@ -29,7 +29,7 @@ SOURCE = Path(__file__).with_name("kernels") / "paged_attention.c"
 # -ffast-math for the vectorized expf of glibc's libmvec (its headers declare it only then). Compiled
 # and linked in two steps: linking with -ffast-math adds crtfastmath.o, which would set flush-to-zero
 # for the whole process, torch included.
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11")
+COMPILE_FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11")
 LINK_FLAGS = ("-shared", "-lm")
 
 _int, _pointer = ctypes.c_int64, ctypes.c_void_p
@@ -226,13 +226,17 @@ def load() -> PagedAttentionKernel | None:
         return None
 
 
-def build(cache_dir: Path | None = None) -> Path:
-    """The kernel's shared library for this source, flags and CPU; compiled when not in the cache."""
+def build(cache_dir: Path | None = None, target: str = "native") -> Path:
+    """The kernel's shared library for this source, flags and CPU; compiled when not in the cache.
+
+    `target` is gcc's -march: this CPU by default; tests also build older instruction sets (AVX2,
+    baseline x86-64) to check the kernel's paths for them on this machine."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise KernelUnavailableError(f"no C compiler ({compiler!r} not found; install gcc or set CC)")
+    compile_flags = (*COMPILE_FLAGS, f"-march={target}")
     source = SOURCE.read_bytes()
-    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
+    flags = " ".join(compile_flags + LINK_FLAGS).encode()
     key = hashlib.sha256(b"\0".join([source, flags, compiler.encode(), _cpu_features()])).hexdigest()[:16]
     cache_dir = cache_dir or _cache_dir()
     library = cache_dir / f"paged_attention-{key}.so"
@@ -241,7 +245,7 @@ def build(cache_dir: Path | None = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         obj, built = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
-        _run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+        _run([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(obj)])
         _run([compiler, str(obj), "-o", str(built), *LINK_FLAGS])
         os.replace(built, library)  # atomic: workers starting together never load half a file
     log.info("built the CPU paged-attention kernel: %s", library)

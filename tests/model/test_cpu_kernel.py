@@ -6,6 +6,7 @@ CI installs a C compiler (.ci/run), so a kernel that does not build here fails t
 from __future__ import annotations
 
 import ctypes
+import platform
 import random
 
 import pytest
@@ -112,6 +113,29 @@ def test_kernel_matches_dense_causal_attention(kernel, block_size, head_dim, hea
     """Prompts, then steps of 1 to 40 new tokens per conversation, across block boundaries; every
     output equals dense attention over the conversation's whole sequence so far (over the keys and
     values as the cache holds them: a float16 cache rounds each once, and nothing else changes)."""
+    check_against_dense(kernel, block_size, head_dim, heads, kv_heads, cache_dtype)
+
+
+def x86_targets() -> list[str]:
+    """Older instruction sets this CPU can run (gcc -march names): the kernel's paths for them."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    features = set(cpu_kernel._cpu_features().decode().split())
+    return ["x86-64", *(["haswell"] if {"avx2", "f16c", "fma"} <= features else [])]
+
+
+@pytest.mark.parametrize("target", x86_targets())
+def test_builds_for_older_cpus_match_dense_attention(tmp_path, target):
+    """An AVX2 build (8 floats a vector, F16C conversions) and a baseline x86-64 one (no AVX: the
+    compiler's generic vectors and _Float16) give dense attention's numbers too: this machine's own
+    build is only one of the paths users' CPUs take."""
+    built = cpu_kernel.PagedAttentionKernel(ctypes.CDLL(str(cpu_kernel.build(tmp_path, target))))
+    for cache_dtype in CACHE_DTYPES:
+        check_against_dense(built, 16, 16, 4, 2, cache_dtype)
+        check_against_dense(built, 8, 24, 4, 4, cache_dtype)
+
+
+def check_against_dense(kernel, block_size, head_dim, heads, kv_heads, cache_dtype) -> None:
     assert cache_dtype in kernel.cache_dtypes, f"this build of the kernel cannot read a {cache_dtype} cache"
     rng = random.Random(block_size * 1000 + head_dim)
     generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
