@@ -100,6 +100,14 @@ class WorkerSettings(BaseSettings):
     max_batch_conversations: int = Field(default=512, ge=1)
     poll_max_records: int = Field(default=2000, ge=1, description="Records per consumer poll (one step).")
     poll_timeout_ms: int = Field(default=5, ge=0)
+    step_interval_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Least time between the starts of two steps. 0: a step starts as soon as anything "
+        "waits, which at low load means many tiny steps, each paying a step's fixed cost (measured: "
+        "~0.8 of a core at 1,000 events/s on the tiny model); 10-20 ms gathers more events a step for "
+        "a few ms of latency. Inert under load, where steps take longer than this.",
+    )
     steps_in_flight: int = Field(
         default=3,
         ge=1,

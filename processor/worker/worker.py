@@ -178,8 +178,11 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
+        interval, next_step = self.settings.step_interval_ms / 1000.0, 0.0
         try:
             while not stop.is_set():
+                if (early := next_step - time.monotonic()) > 0:
+                    await asyncio.sleep(early)  # let the next step gather more (--step-interval-ms)
                 batch = await self.consumer.getmany(
                     timeout_ms=self.settings.poll_timeout_ms or 100,
                     max_records=self.settings.poll_max_records,
@@ -194,6 +197,7 @@ class Worker:
                         continue  # a finish failed: the batch is dropped, its records come again
                     if not batch:
                         continue
+                    next_step = time.monotonic() + interval
                     try:
                         prepared = await self.prepare(batch, stop)
                     except Exception:

@@ -56,6 +56,7 @@ async def running_worker(settings: WorkerSettings, model: GuardModel) -> AsyncIt
 @dataclass
 class Collected:
     records: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    timestamps: list[int] = field(default_factory=list)  # each record's, ms (set when the worker queued it)
 
     def verdicts(self) -> list[VerdictEvent]:
         return [parse_verdict(value) for _, value in self.records]
@@ -84,6 +85,7 @@ async def collect(
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 collected.records += [(record.key, record.value) for record in records]
+                collected.timestamps += [record.timestamp for record in records]
     finally:
         await consumer.stop()
     return collected

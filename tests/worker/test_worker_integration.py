@@ -9,6 +9,7 @@ import random
 
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 
 from processor.client import GuardProducer
 from processor.model import load_guard_model
@@ -493,3 +494,39 @@ async def test_policy_and_debounced_alert_match_the_scores(tiny_model, settings,
     for verdict in collected.verdicts():
         if verdict.kind == "tokens" and verdict.risk_level is not None:
             assert verdict.risk_level in {"Safe", "Unsafe"}, "summaries are read under the policy"
+
+
+@pytest.mark.parametrize("interval_ms", [0, 1000])
+async def test_step_interval_gathers_a_trickle_into_few_steps(tiny_model, settings, interval_ms):
+    """Events 100 ms apart: without an interval each gets a step of its own (its verdict queued on its
+    own); with a 1 s interval the 2 s trickle goes in a handful of steps. A step's verdicts are queued
+    in one call, so their record timestamps sit together; steps are told apart by gaps of 50 ms."""
+    worker = settings(step_interval_ms=interval_ms)
+    conversation_id, events = "trickle", 20
+
+    def event(seq: int) -> bytes:
+        body = {"conversation_id": conversation_id, "seq": seq, "role": "assistant", "token_ids": [100 + seq]}
+        return json.dumps(body).encode()
+
+    producer = AIOKafkaProducer(bootstrap_servers=worker.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        async with running_worker(worker, tiny_model):
+            # The first event's verdict says the worker has joined and stepped: the trickle starts then.
+            await producer.send_and_wait(worker.tokens_topic, event(0), key=conversation_id.encode())
+            await collect(worker.kafka_bootstrap, worker.verdicts_topic, lambda c: len(c.records) >= 1)
+            for seq in range(1, events + 1):
+                await producer.send_and_wait(worker.tokens_topic, event(seq), key=conversation_id.encode())
+                await asyncio.sleep(0.1)
+            collected = await collect(
+                worker.kafka_bootstrap, worker.verdicts_topic, lambda c: len(c.records) >= events + 1
+            )
+    finally:
+        await producer.stop()
+    assert [verdict.seq for verdict in collected.verdicts()] == list(range(events + 1))
+    stamps = sorted(collected.timestamps[1:])
+    steps = 1 + sum(1 for earlier, later in itertools.pairwise(stamps) if later - earlier > 50)
+    if interval_ms:
+        assert steps <= 5, f"{steps} steps for a 2 s trickle with a 1 s interval"
+    else:
+        assert steps >= 10, f"only {steps} steps for events 100 ms apart: the control does not separate them"
