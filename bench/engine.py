@@ -245,13 +245,12 @@ def backends_side_by_side(
         name: engine_for_tokens(model, tokens_needed, conversations, backend=backend, kv_cache_dtype=cache)
         for name, (backend, cache) in variants.items()
     }
-    backends = list(variants)
     streams = {f"w{index}": random_tokens(rng, context) for index in range(conversations)}
     for engine in engines.values():
         for conversation_id, stream in streams.items():
             engine.submit(conversation_id, stream)
         engine.run_until_idle()
-    seconds, tokens = dict.fromkeys(backends, 0.0), dict.fromkeys(backends, 0)
+    seconds, tokens = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0)
     for _ in range(steps):
         chunks = {conversation_id: random_tokens(rng, rng.randint(1, 9)) for conversation_id in streams}
         for name, engine in engines.items():
@@ -265,7 +264,7 @@ def backends_side_by_side(
             seconds[name] += time.perf_counter() - started
     return [
         Row(f"C worker steps, {name}", conversations, context, tokens[name], seconds[name])
-        for name in backends
+        for name in variants
     ]
 
 

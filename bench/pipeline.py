@@ -55,6 +55,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -67,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 from processor.local.process import free_port  # noqa: E402
 from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
-from processor.worker.settings import redact_url  # noqa: E402
+from processor.worker.settings import KvCacheDtype, redact_url  # noqa: E402
 
 DEFAULT_RATES = "1000,5000,10000,20000"
 USER_TURN = [9707, 11, 1246]  # the short user turn that opens every conversation
@@ -799,7 +800,7 @@ def main() -> int:
     parser.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=get_args(KvCacheDtype),
         help="the worker's --kv-cache-dtype (auto: the model's dtype)",
     )
     parser.add_argument("--kafka-bootstrap")

@@ -198,8 +198,12 @@ async def _show_verdicts(args, bootstrap, topic, decode, color) -> None:
             verdict = await asyncio.wait_for(stream.__anext__(), timeout=idle_timeout)
         except (StopAsyncIteration, TimeoutError):
             break
-        shown = VERDICT_EVENTS.dump_json(verdict).decode() if args.json else None
-        print(shown or format_verdict(verdict, decode, color), flush=True)
+        shown = (
+            VERDICT_EVENTS.dump_json(verdict).decode()
+            if args.json
+            else format_verdict(verdict, decode, color)
+        )
+        print(shown, flush=True)
     await stream.aclose()
 
 

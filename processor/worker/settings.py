@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from processor.model.labels import Policy
 from processor.worker.events import CONVERSATION_ID_MAX_LENGTH, EventLimits
 
+# processor.engine.kv_cache.KV_CACHE_DTYPES and "auto" (named here without importing torch).
+KvCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
+
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
@@ -89,7 +92,7 @@ class WorkerSettings(BaseSettings):
         description="auto: the C paged-attention kernel on a CPU in float32 (built with the machine's "
         "C compiler on first start; SDPA without one), SDPA on a GPU.",
     )
-    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+    kv_cache_dtype: KvCacheDtype = Field(
         default="auto",
         description="How keys and values are stored. auto: the model's dtype (exact). float16 on a CPU "
         "halves the cache's bytes: twice the tokens per byte, and the C kernel's attention 25-45% "

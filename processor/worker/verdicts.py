@@ -363,20 +363,12 @@ def _token_verdict(
 ) -> dict:
     """A TokenVerdict as the wire carries it; category is null when the model said Safe."""
     level = labels.level_names[heads.risk_level[index]]
-    if level == SAFE:
-        return {
-            "position": position,
-            "token_id": token_ids[index],
-            "risk_level": level,
-            "risk_prob": heads.risk_prob[index],
-            "category": None,
-            "category_prob": None,
-        }
+    safe = level == SAFE
     return {
         "position": position,
         "token_id": token_ids[index],
         "risk_level": level,
         "risk_prob": heads.risk_prob[index],
-        "category": labels.category_names[heads.category[index]],
-        "category_prob": heads.category_prob[index],
+        "category": None if safe else labels.category_names[heads.category[index]],
+        "category_prob": None if safe else heads.category_prob[index],
     }
