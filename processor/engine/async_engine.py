@@ -39,12 +39,37 @@ class HistoryUnavailableError(RuntimeError):
     """The history store returned fewer tokens than the caller said were fed before."""
 
 
-@dataclass
+class _Batch:
+    """The results of one `moderate_many` call, handed over through one future when the last arrives.
+
+    One future per call, not per conversation: a worker step submits hundreds of conversations, and
+    a future (and the task awaiting it) each cost several microseconds of event-loop work.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.results: list[ChunkResult | Exception | None] = [None] * count
+        self.remaining = count
+        self.future: asyncio.Future[list[ChunkResult | Exception]]
+        self.future = asyncio.get_running_loop().create_future()
+        if count == 0:
+            self.future.set_result([])
+
+    def settle(self, index: int, outcome: ChunkResult | Exception) -> None:
+        if self.results[index] is not None:
+            return
+        self.results[index] = outcome
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.results)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
 class _Submission:
     conversation_id: str
     token_ids: list[int]
     known_length: int | None  # None: a release
-    future: asyncio.Future[ChunkResult] | None
+    batch: _Batch | None
+    index: int = 0  # in batch.results
 
 
 class AsyncGuardEngine:
@@ -52,7 +77,7 @@ class AsyncGuardEngine:
         self.engine = engine
         self.history = history
         self._queue: list[_Submission] = []
-        self._futures: dict[int, asyncio.Future[ChunkResult]] = {}
+        self._waiting: dict[int, tuple[_Batch, int]] = {}  # request id -> where its result goes
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
         self._task: asyncio.Task[None] | None = None
@@ -65,9 +90,23 @@ class AsyncGuardEngine:
         them from the history store and rebuilds the cache first. Calls for one conversation are
         applied in call order.
         """
-        future: asyncio.Future[ChunkResult] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Submission(conversation_id, list(token_ids), known_length, future))
-        return await future
+        [result] = await self.moderate_many([(conversation_id, token_ids, known_length)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def moderate_many(
+        self, requests: list[tuple[str, list[int], int]]
+    ) -> list[ChunkResult | Exception]:
+        """`moderate` for many (conversation_id, token_ids, known_length) at once, answered together.
+
+        A request that fails (its history unavailable, a conflict) gets its exception in its place in
+        the answer; the others are unaffected.
+        """
+        batch = _Batch(len(requests))
+        for index, (conversation_id, token_ids, known_length) in enumerate(requests):
+            self._enqueue(_Submission(conversation_id, list(token_ids), known_length, batch, index))
+        return await batch.future
 
     async def release(self, conversation_id: str) -> None:
         """Free the conversation's cache after the work queued before this call."""
@@ -114,10 +153,11 @@ class AsyncGuardEngine:
                 log.exception("engine step failed; dropping all cached conversations")
                 self._fail_all(error)
                 continue
+            waiting = self._waiting
             for result in results:
-                future = self._futures.pop(result.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(result)
+                place = waiting.pop(result.request_id, None)
+                if place is not None:
+                    place[0].settle(place[1], result)
 
     def _runs_inline(self) -> bool:
         predicted = self.engine.predicted_step_seconds()
@@ -130,8 +170,8 @@ class AsyncGuardEngine:
             try:
                 self._admit_one(submission, histories)
             except Exception as error:
-                if submission.future is not None and not submission.future.done():
-                    submission.future.set_exception(error)
+                if submission.batch is not None:
+                    submission.batch.settle(submission.index, error)
 
     def _placement(self, conversation_id: str, known_length: int) -> str:
         """How a submission that follows `known_length` tokens fits what the engine holds:
@@ -177,7 +217,7 @@ class AsyncGuardEngine:
         if known is None:
             engine.release(conversation_id)
             return
-        assert submission.future is not None
+        assert submission.batch is not None
         placement = self._placement(conversation_id, known)
         if placement == "conflict":
             raise ValueError(
@@ -196,11 +236,10 @@ class AsyncGuardEngine:
                     f"the history store gave {0 if history is None else len(history)}"
                 )
             request_id = engine.submit(conversation_id, submission.token_ids, rebuild_prefix=history[:known])
-        self._futures[request_id] = submission.future
+        self._waiting[request_id] = (submission.batch, submission.index)
 
     def _fail_all(self, error: Exception) -> None:
-        for future in self._futures.values():
-            if not future.done():
-                future.set_exception(error)
-        self._futures.clear()
+        for batch, index in self._waiting.values():
+            batch.settle(index, error)
+        self._waiting.clear()
         self.engine.release_all()

@@ -51,6 +51,7 @@ class BlockManager:
     def release(self, block_table: list[int]) -> None:
         self.shrink(block_table, 0)
 
-    def slot(self, block_table: list[int], position: int) -> int:
-        """Flat cache slot of a token position."""
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Flat cache slots of token positions start..end-1 (every token of every step asks)."""
+        size = self.block_size
+        return [block_table[position // size] * size + position % size for position in range(start, end)]

@@ -71,7 +71,7 @@ class ModelRunner:
             token_ids += chunk.token_ids
             chunk_positions = range(chunk.start_position, chunk.start_position + chunk.length)
             positions += chunk_positions
-            slots += (self.blocks.slot(table, position) for position in chunk_positions)
+            slots += self.blocks.slots(table, chunk.start_position, chunk.start_position + chunk.length)
         as_tensor = self._to_device
         groups, packed, paged = [], None, None
         if self.attend is flex_packed_attention:
@@ -104,7 +104,7 @@ class ModelRunner:
             query_owner += [index] * chunk.length
             query_positions += range(chunk.start_position, end)
             table = chunk.conversation.block_table
-            key_slots += (self.blocks.slot(table, position) for position in range(end))
+            key_slots += self.blocks.slots(table, 0, end)
             key_owner += [index] * end
             key_positions += range(end)
         as_tensor = self._to_device

@@ -265,7 +265,7 @@ class Worker:
         ]
         dead_letters += self.rejected(steps)
         engine_started = time.perf_counter()
-        outcomes = await asyncio.gather(*(self.moderate(step) for step in steps if step.changed))
+        outcomes = await self.moderate([step for step in steps if step.changed])
         stage = self.metrics.stage_seconds
         stage.labels("engine").observe(time.perf_counter() - engine_started)
         self.track(incoming, outcomes)
@@ -345,21 +345,34 @@ class Worker:
     def rejected(self, steps: list[ConversationStep]) -> list[DeadLetter]:
         return [self.dead_letter(item.source, reason) for step in steps for item, reason in step.rejected]
 
-    async def moderate(self, step: ConversationStep) -> ConversationOutcome:
-        now = time.time
-        if not step.token_ids:
-            return finish_conversation(step, None, self.verdict_config, now())
-        try:
-            result = await self.front.moderate(step.conversation_id, step.token_ids, step.session.length)
-        except HistoryUnavailableError as error:
-            if not await self.history_lost(step):
-                # Redis did not answer the engine's history read: fail the step, it is redone from the
-                # committed offsets (closing the conversation over an outage would end it for good).
-                raise
-            log.warning("%s", error)
-            message = "the conversation's token history is gone from Redis (expired or lost); it is closed"
-            return refused(step, message, self.verdict_config, now())
-        return finish_conversation(step, result, self.verdict_config, now())
+    async def moderate(self, steps: list[ConversationStep]) -> list[ConversationOutcome]:
+        """Every conversation of a step through the engine in one submission, then its verdicts."""
+        runs = [step for step in steps if step.token_ids]
+        answers = iter(
+            await self.front.moderate_many([(s.conversation_id, s.token_ids, s.session.length) for s in runs])
+        )
+        now = time.time()
+        outcomes = []
+        for step in steps:
+            result = next(answers) if step.token_ids else None  # nothing to run: verdicts alone
+            if isinstance(result, HistoryUnavailableError):
+                outcomes.append(await self.history_unavailable(step, result, now))
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                outcomes.append(finish_conversation(step, result, self.verdict_config, now))
+        return outcomes
+
+    async def history_unavailable(
+        self, step: ConversationStep, error: HistoryUnavailableError, now: float
+    ) -> ConversationOutcome:
+        if not await self.history_lost(step):
+            # Redis did not answer the engine's history read: fail the step, it is redone from the
+            # committed offsets (closing the conversation over an outage would end it for good).
+            raise error
+        log.warning("%s", error)
+        message = "the conversation's token history is gone from Redis (expired or lost); it is closed"
+        return refused(step, message, self.verdict_config, now)
 
     async def history_lost(self, step: ConversationStep) -> bool:
         """The engine cannot tell a history gone from Redis from a Redis that did not answer: ask again."""
@@ -552,6 +565,7 @@ async def serve(
     commits, then everything is closed."""
     stop = stop or asyncio.Event()
     log.info("worker settings: %s", settings.redacted())
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__)
     if model is None:
         model = load_guard_model(settings.model, settings.device, settings.dtype)
     if model.device.type == "cpu":

@@ -81,6 +81,27 @@ async def test_missing_history_is_an_explicit_error(model):
     await front.close()
 
 
+async def test_a_batch_answers_in_request_order_and_one_failure_stays_its_own(model):
+    """moderate_many: one answer list, in request order; a request whose history is missing gets its
+    error in its place, the others their results (equal to moderating each on its own)."""
+    front = AsyncGuardEngine(new_engine(model), DictHistory({}))
+    requests = [("a", [100, 101, 102], 0), ("lost", [1, 2], 10), ("b", [200, 201], 0), ("a", [103], 3)]
+    answers = await front.moderate_many(requests)
+    assert isinstance(answers[1], HistoryUnavailableError)
+    first_a, b, second_a = answers[0], answers[2], answers[3]
+    assert (first_a.conversation_id, b.conversation_id, second_a.conversation_id) == ("a", "b", "a")
+    assert (first_a.token_ids, b.token_ids, second_a.token_ids) == ([100, 101, 102], [200, 201], [103])
+    assert second_a.start_position == 3
+    alone = AsyncGuardEngine(new_engine(model))
+    reference = await alone.moderate("a", [100, 101, 102, 103], 0)
+    assert first_a.response.risk_prob + second_a.response.risk_prob == pytest.approx(
+        reference.response.risk_prob, abs=1e-5
+    )
+    assert await front.moderate_many([]) == []
+    await front.close()
+    await alone.close()
+
+
 @pytest.mark.parametrize(("inline_below", "expect_loop_thread"), [(1e9, True), (0.0, False)])
 async def test_short_steps_run_on_the_loop_thread_long_ones_on_the_engine_thread(
     model, monkeypatch, inline_below, expect_loop_thread

@@ -22,9 +22,13 @@ def test_slots_are_distinct_across_conversations():
     second: list[int] = []
     blocks.grow(first, 10)
     blocks.grow(second, 9)
-    slots = [blocks.slot(first, p) for p in range(10)] + [blocks.slot(second, p) for p in range(9)]
+    slots = blocks.slots(first, 0, 10) + blocks.slots(second, 0, 9)
     assert len(set(slots)) == len(slots)
     assert all(0 <= slot < blocks.capacity_tokens for slot in slots)
+    # A position's slot is its block's first slot plus its offset in the block, whatever range asks.
+    assert blocks.slots(first, 5, 7) == slots[5:7]
+    assert slots[:4] == [first[0] * 4 + offset for offset in range(4)]
+    assert blocks.slots(first, 3, 3) == []
 
 
 def test_growing_past_free_blocks_fails_loudly():

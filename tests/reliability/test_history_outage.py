@@ -50,7 +50,7 @@ async def test_unreachable_redis_fails_the_step(model, redis_prefix):
     worker = worker_with(model, f"redis://127.0.0.1:{free_port()}/0", redis_prefix)  # nothing listens
     try:
         with pytest.raises(Exception, match="rebuild"):
-            await worker.moderate(step_needing_rebuild(worker))
+            await worker.moderate([step_needing_rebuild(worker)])
     finally:
         await worker.front.close()
 
@@ -58,7 +58,7 @@ async def test_unreachable_redis_fails_the_step(model, redis_prefix):
 async def test_history_gone_closes_the_conversation(model, redis_url, redis_prefix):
     worker = worker_with(model, redis_url, redis_prefix)  # Redis answers; the history is not there
     try:
-        outcome = await worker.moderate(step_needing_rebuild(worker))
+        [outcome] = await worker.moderate([step_needing_rebuild(worker)])
     finally:
         await worker.front.close()
     assert outcome.session.status == "error"
