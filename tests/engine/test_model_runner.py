@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from processor.engine.model_runner import (
     KEY_BLOCKS_UNSPLIT,
     KEY_LENGTH_SPREAD,
+    long_tensor,
     split_by_key_length,
     split_by_query_length,
 )
@@ -56,3 +59,9 @@ def test_query_classes_cover_every_chunk_once_within_twice_the_shortest():
         assert [max(lengths[i] for i in m) for m in classes] == sorted(
             max(lengths[i] for i in m) for m in classes
         )
+
+
+def test_long_tensor_equals_torch_tensor():
+    values = [0, 1, -7, 2**40, 123456789]
+    assert torch.equal(long_tensor(values), torch.tensor(values, dtype=torch.long))
+    assert long_tensor([]).dtype == torch.long and long_tensor([]).numel() == 0
