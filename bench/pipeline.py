@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from processor.local.process import free_port  # noqa: E402
+from processor.worker.heap import long_lived_heap_frozen  # noqa: E402
 from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
 from processor.worker.settings import KvCacheDtype, redact_url  # noqa: E402
@@ -770,6 +771,9 @@ async def main_async(args, rates: list[float]) -> dict:
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-services-")))
             bootstrap = bootstrap or kafka_endpoint(stack, state)
             redis_url = redis_url or redis_endpoint(stack, state)
+        # As in the worker: a full collection walking the libraries' objects paused this process for
+        # 80-220 ms several times a minute, which delayed sends and reads and counted as latency.
+        stack.enter_context(long_lived_heap_frozen())
         raw = None
         if args.raw_events:
             print(f"raw ceiling: {args.raw_events:,} events ...", flush=True)

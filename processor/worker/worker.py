@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import time
@@ -57,6 +56,7 @@ from processor.worker.conversation import (
 )
 from processor.worker.dlq import DeadLetter, dead_letter
 from processor.worker.events import BadTokenEvent, EventLimits, Verdict, decode_token_events, verdict_json
+from processor.worker.heap import long_lived_heap_frozen
 from processor.worker.http import HealthServer
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.pipeline import SessionCache, SettledHistory, StepChain
@@ -73,9 +73,6 @@ RETRY_BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 # A step's verdicts for one partition usually fit one produce batch (aiokafka's default is 16 KiB);
 # the broker's default limit on a batch is 1 MiB.
 PRODUCER_BATCH_BYTES = 512 * 1024
-# Allocations between young collections (CPython's default is 700): a step allocates tens of thousands
-# of short-lived objects, and collecting that often cost a fifth of the loop's time.
-GC_YOUNG_THRESHOLD = 50_000
 IDLE_SWEEP_SECONDS = 30.0
 
 
@@ -594,26 +591,20 @@ async def serve(
         max_batch_size=PRODUCER_BATCH_BYTES,
     )
     worker = Worker(settings, model, front, store, consumer, producer, metrics, chain)
-    # The model, tokenizer and libraries leave millions of long-lived objects; without this, every
-    # full garbage collection walks them all, and the hot loop allocates enough to run many.
-    gc.freeze()
-    default_thresholds = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *default_thresholds[1:])
     http = HealthServer(metrics.registry, lambda: worker.ready)
-    try:
-        if settings.http_port:
-            await http.start(settings.http_port)
-        await producer.start()
-        await consumer.start()
-        consumer.subscribe([settings.tokens_topic], listener=_RebalanceListener(worker))
-        await worker.run(stop)
-    finally:
-        worker.ready = False
-        # Leaving the group after the last commit: the partitions move without a redelivery.
-        await consumer.stop()
-        await producer.stop()
-        await front.close()
-        await redis.aclose()
-        await http.stop()
-        gc.unfreeze()  # let interpreter shutdown collect them (extensions check for leaks)
-        gc.set_threshold(*default_thresholds)
+    with long_lived_heap_frozen():  # the model's and libraries' objects: never walked again
+        try:
+            if settings.http_port:
+                await http.start(settings.http_port)
+            await producer.start()
+            await consumer.start()
+            consumer.subscribe([settings.tokens_topic], listener=_RebalanceListener(worker))
+            await worker.run(stop)
+        finally:
+            worker.ready = False
+            # Leaving the group after the last commit: the partitions move without a redelivery.
+            await consumer.stop()
+            await producer.stop()
+            await front.close()
+            await redis.aclose()
+            await http.stop()
