@@ -241,7 +241,8 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
                     for (int64_t d = 0; d < D; d++) row[d] = q[d] * scale;
                 }
             /* Scores, block by block: each key block is read once and used by every row that sees it
-             * (the rows of tokens first_i on: the last ones), 8 or 4 rows at a time, then one by one. */
+             * (the rows of tokens first_i on: the last ones), 8, 4 or 2 rows at a time (2: one token's two
+             * query heads of a KV head, the usual streaming step), then one by one. */
             for (int64_t b = 0; b < blocks; b++) {
                 if (b + 2 < blocks) prefetch_block(kv_at(keys, table[b + 2] * bs * D, half), block_bytes);
                 const void *key_block = kv_at(keys, table[b] * bs * D, half);
@@ -251,6 +252,8 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
                     block_scores_tile(8, queries + r * D, key_block, D, bs, scores + r * width + j0, width, half);
                 for (; r + 4 <= rows; r += 4)
                     block_scores_tile(4, queries + r * D, key_block, D, bs, scores + r * width + j0, width, half);
+                for (; r + 2 <= rows; r += 2)
+                    block_scores_tile(2, queries + r * D, key_block, D, bs, scores + r * width + j0, width, half);
                 for (; r < rows; r++) block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0, half);
             }
             /* Softmax over the keys each row sees; the rest weigh nothing. */
@@ -283,6 +286,8 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
                     block_values_tile(8, scores + r * width + j0, width, value_block, count, D, acc + r * D, half);
                 for (; r + 4 <= rows; r += 4)
                     block_values_tile(4, scores + r * width + j0, width, value_block, count, D, acc + r * D, half);
+                for (; r + 2 <= rows; r += 2)
+                    block_values_tile(2, scores + r * width + j0, width, value_block, count, D, acc + r * D, half);
                 for (; r < rows; r++) {
                     const int64_t seen = start + r / group + 1;
                     block_values(scores + r * width + j0, value_block, min64(bs, seen - j0), D, acc + r * D, half);
