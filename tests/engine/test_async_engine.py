@@ -102,6 +102,29 @@ async def test_a_batch_answers_in_request_order_and_one_failure_stays_its_own(mo
     await alone.close()
 
 
+async def test_a_failed_step_answers_every_waiting_request_with_its_error(model):
+    """An engine step that raises must not leave a caller waiting: every request of the batch gets
+    the error, the engine drops its conversations, and the next call is served."""
+    engine = new_engine(model)
+    step = engine.step
+    failures = iter([RuntimeError("injected step failure")])
+
+    def failing_once():
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return step()
+
+    engine.step = failing_once
+    front = AsyncGuardEngine(engine)
+    answers = await asyncio.wait_for(front.moderate_many([("a", [100, 101], 0), ("b", [200], 0)]), timeout=30)
+    assert [str(answer) for answer in answers] == ["injected step failure"] * 2
+    assert front.stats().active_conversations == 0
+    again = await front.moderate("a", [100, 101], 0)
+    assert again.start_position == 0 and again.token_ids == [100, 101]
+    await front.close()
+
+
 @pytest.mark.parametrize(("inline_below", "expect_loop_thread"), [(1e9, True), (0.0, False)])
 async def test_short_steps_run_on_the_loop_thread_long_ones_on_the_engine_thread(
     model, monkeypatch, inline_below, expect_loop_thread
