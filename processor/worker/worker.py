@@ -562,7 +562,6 @@ async def serve(
     commits, then everything is closed."""
     stop = stop or asyncio.Event()
     log.info("worker settings: %s", settings.redacted())
-    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__)
     if model is None:
         model = load_guard_model(settings.model, settings.device, settings.dtype)
     if model.device.type == "cpu":
