@@ -749,6 +749,22 @@ def print_table(args, result: dict) -> None:
         )
 
 
+def run_facts() -> dict:
+    """Where a benchmark ran: the machine's cores, platform, Python and the code's revision."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "git": git_revision(),
+    }
+
+
+def write_result(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def git_revision() -> str | None:
     try:
         head = subprocess.run(
@@ -863,16 +879,11 @@ def main() -> int:
         "seconds": round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1),
         "args": vars(args) | {"out": str(out), "redis_url": args.redis_url and redact_url(args.redis_url)},
         "target_rates": rates,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "git": git_revision(),
+        **run_facts(),
     }
     result |= measured
     print_table(args, result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(out, result)
     return 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import platform
 import random
 import statistics
 import sys
@@ -27,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 from aiokafka import TopicPartition
-from pipeline import ROOT, git_revision  # sys.path: the repository root, for `processor`
+from pipeline import ROOT, run_facts, write_result  # sys.path: the repository root, for `processor`
 
 from processor.engine import AsyncGuardEngine, GuardEngine
 from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
@@ -212,16 +211,10 @@ def main() -> int:
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 1),
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "cpu_count": torch.get_num_threads() if args.device == "cpu" else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "git": git_revision(),
+        **run_facts(),
         "rows": rows,
     }
-    out = args.out or ROOT / "bench" / "results" / f"step-{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out or ROOT / "bench" / "results" / f"step-{args.device.split(':')[0]}.json", result)
     return 0
 
 

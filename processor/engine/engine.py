@@ -183,17 +183,13 @@ class GuardEngine:
         if schedule.chunks:
             output = self.runner.run(schedule.chunks, self.config.keep_probabilities)
             row = 0
-            output_columns = output.label_columns
             for chunk in schedule.chunks:
                 request, conversation = chunk.request, chunk.conversation
                 conversation.cached_token_ids += chunk.token_ids
                 keep_from = row + max(0, request.rebuild - chunk.offset)  # rebuild rows give no results
                 end = row + chunk.length
-                if request.done == 0 and chunk.length == len(request.token_ids):  # the usual: whole
-                    request.label_columns = [values[keep_from:end] for values in output_columns]
-                else:
-                    for column, values in zip(request.label_columns, output_columns, strict=True):
-                        column += values[keep_from:end]
+                for column, values in zip(request.label_columns, output.label_columns, strict=True):
+                    column += values[keep_from:end]
                 if output.probabilities is not None:
                     for head, rows in output.probabilities.items():
                         request.probabilities.setdefault(head, []).extend(rows[keep_from:end])
