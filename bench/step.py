@@ -94,7 +94,9 @@ class Records:
 async def measure(args, model: GuardModel, kv_cache_dtype: str, events_each: int, seed: int) -> dict:
     """A fresh worker and engine; every conversation filled to --context, then --steps measured steps."""
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype)
-    tokens_each = args.context + 16 + (args.steps + WARMUP_STEPS) * events_each
+    # Room for the chat template's tokens and each conversation's last, partly filled block: a
+    # conversation evicted mid-run would fail the step (no history store here to rebuild it from).
+    tokens_each = args.context + 64 + (args.steps + WARMUP_STEPS) * events_each
     cache_bytes = args.conversations * tokens_each * bytes_per_token(model.config, cache_dtype)
     settings = WorkerSettings(
         model=str(args.model),

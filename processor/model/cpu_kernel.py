@@ -226,18 +226,19 @@ def load() -> PagedAttentionKernel | None:
         return None
 
 
-def build(cache_dir: Path | None = None, target: str = "native") -> Path:
+def build(cache_dir: Path | None = None, target: str = "native", source: Path = SOURCE) -> Path:
     """The kernel's shared library for this source, flags and CPU; compiled when not in the cache.
 
     `target` is gcc's -march: this CPU by default; tests also build older instruction sets (AVX2,
-    baseline x86-64) to check the kernel's paths for them on this machine."""
+    baseline x86-64) to check the kernel's paths for them on this machine. `source` is another
+    version of the kernel's file (bench/kernel.py builds a revision's beside this one)."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise KernelUnavailableError(f"no C compiler ({compiler!r} not found; install gcc or set CC)")
     compile_flags = (*COMPILE_FLAGS, f"-march={target}")
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     flags = " ".join(compile_flags + LINK_FLAGS).encode()
-    key = hashlib.sha256(b"\0".join([source, flags, compiler.encode(), _cpu_features()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([text, flags, compiler.encode(), _cpu_features()])).hexdigest()[:16]
     cache_dir = cache_dir or _cache_dir()
     library = cache_dir / f"paged_attention-{key}.so"
     if library.exists():
@@ -245,7 +246,7 @@ def build(cache_dir: Path | None = None, target: str = "native") -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         obj, built = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
-        _run([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(obj)])
+        _run([compiler, *compile_flags, "-c", str(source), "-o", str(obj)])
         _run([compiler, str(obj), "-o", str(built), *LINK_FLAGS])
         os.replace(built, library)  # atomic: workers starting together never load half a file
     log.info("built the CPU paged-attention kernel: %s", library)

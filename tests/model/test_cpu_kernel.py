@@ -135,7 +135,17 @@ def test_builds_for_older_cpus_match_dense_attention(tmp_path, target):
         check_against_dense(built, 8, 24, 4, 4, cache_dtype)
 
 
-def check_against_dense(kernel, block_size, head_dim, heads, kv_heads, cache_dtype) -> None:
+def test_sharp_attention_matches_dense_attention(kernel):
+    """Scores spread over hundreds (queries 30x larger): the weights of keys far below a row's best
+    are exactly 0 in the kernel (below exp(-64) of the best, past float32's resolution of the sum),
+    and the output is still dense attention's."""
+    for cache_dtype in CACHE_DTYPES:
+        check_against_dense(kernel, 16, 16, 4, 2, cache_dtype, query_scale=30.0)
+
+
+def check_against_dense(
+    kernel, block_size, head_dim, heads, kv_heads, cache_dtype, query_scale: float = 1.0
+) -> None:
     assert cache_dtype in kernel.cache_dtypes, f"this build of the kernel cannot read a {cache_dtype} cache"
     rng = random.Random(block_size * 1000 + head_dim)
     generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
@@ -150,7 +160,7 @@ def check_against_dense(kernel, block_size, head_dim, heads, kv_heads, cache_dty
         if not lengths:
             continue
         total = sum(lengths.values())
-        query = torch.randn(total, heads, head_dim, generator=generator)
+        query = torch.randn(total, heads, head_dim, generator=generator) * query_scale
         key = torch.randn(total, kv_heads, head_dim, generator=generator)
         value = torch.randn(total, kv_heads, head_dim, generator=generator)
         out = layer.step(lengths, query, key, value, scale)
