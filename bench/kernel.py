@@ -63,7 +63,8 @@ class Layer:
         for i in range(count):
             rows.append((i * length, context, length, i * blocks_each))
             table = tables[i * blocks_each : (i + 1) * blocks_each]
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(context, context + length)]
+            positions = range(context, context + length)
+            slots += [table[p // block_size] * block_size + p % block_size for p in positions]
         tokens = count * length
         self.query = torch.randn(tokens, heads, head_dim, generator=generator) * query_scale
         self.key = torch.randn(tokens, kv_heads, head_dim, generator=generator)
