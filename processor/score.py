@@ -85,7 +85,7 @@ def verdicts_for(
 
 
 def single_conversation_engine(
-    model: GuardModel, length: int, chunk_size: int, all_heads: bool
+    model: GuardModel, length: int, chunk_size: int, all_heads: bool, kv_cache_dtype: str = "auto"
 ) -> GuardEngine:
     """An engine sized for one conversation of `length` tokens."""
     block_size = 16
@@ -97,20 +97,26 @@ def single_conversation_engine(
             kv_cache_bytes=blocks * block_size * bytes_per_token(model.config, model.dtype),
             max_batch_tokens=max(chunk_size, 1),
             keep_probabilities=all_heads,
+            kv_cache_dtype=kv_cache_dtype,
         ),
     )
 
 
 def score_ids(
-    model: GuardModel, token_ids: Sequence[int], chunk_size: int | None = None, all_heads: bool = False
+    model: GuardModel,
+    token_ids: Sequence[int],
+    chunk_size: int | None = None,
+    all_heads: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> list[TokenVerdict]:
-    """Per-token verdicts of a templated conversation; `chunk_size` feeds it incrementally."""
+    """Per-token verdicts of a templated conversation; `chunk_size` feeds it incrementally.
+    `kv_cache_dtype` as the engine's: "auto" gives what a worker with the same setting gives."""
     if model.tokenizer is None:
         raise ValueError(f"{model.path} ships no tokenizer, needed to find the turns' roles")
     token_ids = list(token_ids)
     roles = roles_of(token_ids, special_token_ids(model.tokenizer))
     step = chunk_size or len(token_ids)
-    engine = single_conversation_engine(model, len(token_ids), step, all_heads)
+    engine = single_conversation_engine(model, len(token_ids), step, all_heads, kv_cache_dtype)
     verdicts: list[TokenVerdict] = []
     for start in range(0, len(token_ids), step):
         engine.submit("score", token_ids[start : start + step])

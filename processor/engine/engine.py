@@ -39,9 +39,8 @@ class EngineConfig:
     max_batch_conversations: int = 512
     # "auto": the C paged-attention kernel on a CPU in float32 (when it builds), SDPA elsewhere.
     attention_backend: str = "auto"
-    # Keys and values stored as: "auto" (the model's dtype), "float16", "bfloat16" or "float32".
-    # A narrower cache holds more tokens per byte and is read faster (the C kernel reads float16 on a
-    # float32 model: ~25-45% less time), at the cost of rounding each key and value once.
+    # Keys and values stored as: "auto" (float16 for the C kernel, else the model's dtype; see
+    # resolve_kv_cache_dtype), "float16", "bfloat16" or "float32" (exact on a float32 model).
     kv_cache_dtype: str = "auto"
     keep_probabilities: bool = False  # per-class probabilities in results (`score --all-heads`)
 
@@ -71,7 +70,15 @@ class GuardEngine:
         self.config = config or EngineConfig()
         if model.device.type == "cpu":
             keep_freed_host_memory()
-        cache_dtype = resolve_kv_cache_dtype(self.config.kv_cache_dtype, model.dtype)
+        # The backend first, for the cache dtype "auto" means (float16 where the C kernel reads it).
+        explicit = None if self.config.kv_cache_dtype == "auto" else self.config.kv_cache_dtype
+        self.attention_backend = resolve_attention_backend(
+            self.config.attention_backend,
+            model.device,
+            model.dtype,
+            resolve_kv_cache_dtype(explicit, model.dtype) if explicit else None,
+        )
+        cache_dtype = resolve_kv_cache_dtype(self.config.kv_cache_dtype, model.dtype, self.attention_backend)
         per_token = bytes_per_token(model.config, cache_dtype)
         budget = cache_budget_bytes(model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction)
         num_blocks = budget // (per_token * self.config.block_size)
@@ -83,9 +90,6 @@ class GuardEngine:
         self.blocks = BlockManager(num_blocks, self.config.block_size)
         kv_cache = allocate_kv_cache(
             model.config, num_blocks, self.config.block_size, model.device, cache_dtype
-        )
-        self.attention_backend = resolve_attention_backend(
-            self.config.attention_backend, model.device, model.dtype, cache_dtype
         )
         log.info("attention backend: %s; KV cache: %s", self.attention_backend, cache_dtype)
         self.runner = ModelRunner(model, kv_cache, self.blocks, get_attention_backend(self.attention_backend))

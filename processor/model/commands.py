@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     score.add_argument("--all-heads", action="store_true", help="add every head's class probabilities")
     score.add_argument("--chunk-size", type=int, default=None, help="feed K tokens at a time (KV cache)")
+    score.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="as the worker's (auto: float16 where the C kernel runs, the model's dtype elsewhere), so "
+        "that score gives a worker's numbers; float32: exact",
+    )
     score.set_defaults(handler=score_command)
 
 
@@ -65,6 +72,13 @@ def score_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    for verdict in score_ids(model, token_ids, chunk_size=args.chunk_size, all_heads=args.all_heads):
+    verdicts = score_ids(
+        model,
+        token_ids,
+        chunk_size=args.chunk_size,
+        all_heads=args.all_heads,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+    for verdict in verdicts:
         print(json.dumps(verdict.as_json()))
     return 0

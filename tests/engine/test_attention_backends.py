@@ -21,7 +21,7 @@ CASES = [
 ]
 
 
-def run_mixed_batch(model, backend: str, kv_cache_dtype: str = "auto") -> dict[str, list[float]]:
+def run_mixed_batch(model, backend: str, kv_cache_dtype: str = "float32") -> dict[str, list[float]]:
     rng = random.Random(11)
     engine = GuardEngine(
         model,
@@ -85,8 +85,24 @@ def test_a_float16_cache_rounds_but_stays_close_to_the_exact_one(tiny_model_dir)
     budget = 4096 * bytes_per_token(model.config, torch.float32)
     engines = [
         GuardEngine(model, EngineConfig(kv_cache_bytes=budget, kv_cache_dtype=name))
-        for name in ("auto", "float16")
+        for name in ("float32", "float16")
     ]
     assert engines[1].stats().blocks_free == 2 * engines[0].stats().blocks_free
     with pytest.raises(ValueError, match="unknown KV cache dtype 'half'"):
         GuardEngine(model, EngineConfig(kv_cache_bytes=budget, kv_cache_dtype="half"))
+
+
+def test_auto_stores_float16_for_the_kernel_and_the_model_dtype_elsewhere(tiny_model_dir):
+    """ "auto" is float16 where the C kernel does the attention (its read of the cache is most of a
+    streaming step's attention) and the model's dtype for the other backends, which would widen it."""
+    model = load_guard_model(tiny_model_dir, device="cpu", dtype="float32")
+    budget = 4096 * bytes_per_token(model.config, torch.float32)
+    kernel = GuardEngine(model, EngineConfig(kv_cache_bytes=budget, attention_backend="paged_cpu"))
+    portable = GuardEngine(model, EngineConfig(kv_cache_bytes=budget, attention_backend="sdpa"))
+    assert kernel.stats().kv_bytes_per_token * 2 == portable.stats().kv_bytes_per_token
+    assert (
+        max_difference(
+            run_mixed_batch(model, "paged_cpu", "auto"), run_mixed_batch(model, "paged_cpu", "float16")
+        )
+        == 0
+    )

@@ -52,6 +52,7 @@ def small_cache_engine(model) -> GuardEngine:
             max_batch_tokens=48,
             max_batch_conversations=3,
             keep_probabilities=True,
+            kv_cache_dtype="float32",  # exact: compared with the reference at TOLERANCE
         ),
     )
 

@@ -25,9 +25,8 @@ def short_context_model(tiny_model_dir, tmp_path_factory):
 
 
 def engine_for(model, tokens: int) -> GuardEngine:
-    return GuardEngine(
-        model, EngineConfig(block_size=8, kv_cache_bytes=tokens * bytes_per_token(model.config, model.dtype))
-    )
+    budget = tokens * bytes_per_token(model.config, model.dtype)
+    return GuardEngine(model, EngineConfig(block_size=8, kv_cache_bytes=budget, kv_cache_dtype="float32"))
 
 
 def test_chunk_past_the_context_limit_gets_a_status_and_the_conversation_keeps_its_state(short_context_model):

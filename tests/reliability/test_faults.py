@@ -14,8 +14,9 @@ import asyncio
 import time
 
 import pytest
+import torch
 
-from processor.engine.kv_cache import bytes_per_token
+from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
 from tests.worker.harness import running_worker, worker_settings
 
 from .load import SteadyLoad, VerdictRecorder, committed_offsets, finish_and_check
@@ -186,6 +187,11 @@ async def test_kafka_broker_restart(model, worker_config, pool, redis_url, dedic
         )
 
 
+def default_cache_dtype(model) -> torch.dtype:
+    """What the worker's cache stores on this CPU by default (auto: float16 where the kernel reads it)."""
+    return resolve_kv_cache_dtype("auto", model.dtype, "paged_cpu")
+
+
 @pytest.mark.timeout(180)
 async def test_kv_cache_far_below_active_set(model, kafka_bootstrap, redis_url, topic_prefix, redis_prefix):
     """Room for two conversations' caches, eight streaming: every step evicts and rebuilds from Redis."""
@@ -197,7 +203,7 @@ async def test_kv_cache_far_below_active_set(model, kafka_bootstrap, redis_url, 
         topic_prefix,
         redis_prefix,
         partitions=PARTITIONS,
-        kv_cache_bytes=blocks * 16 * bytes_per_token(model.config, model.dtype),
+        kv_cache_bytes=blocks * 16 * bytes_per_token(model.config, default_cache_dtype(model)),
         http_port=http_port,
     )
     async with running_worker(settings, model) as serving:

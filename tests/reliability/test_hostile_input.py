@@ -297,6 +297,7 @@ async def test_flood_of_new_conversations_is_capped_and_expires(
         session_ttl=120,
         http_port=http_port,
         kv_cache_bytes=2 * 1024 * 1024,
+        kv_cache_dtype="float32",  # the cache's blocks counted below in the model's dtype
     )
     await ensure_topics(config)
     records = [
