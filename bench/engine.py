@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [padded, classes]
         variants = {"sdpa attention": ("sdpa", "auto")}
         if cpu_kernel_runs(model):
-            variants["paged_cpu attention"] = ("paged_cpu", "auto")
+            variants["paged_cpu attention, float32 KV"] = ("paged_cpu", "float32")
             if cpu_kernel_runs(model, torch.float16):
                 variants["paged_cpu attention, float16 KV"] = ("paged_cpu", "float16")
         side_by_side = {
