@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from pipeline import ROOT, run_facts, write_result  # sys.path: the repository root, for `processor`
+from pipeline import ROOT, rows_result, write_result  # sys.path: the repository root, for `processor`
 
 from processor.model import cpu_kernel
 
@@ -164,14 +163,7 @@ def main() -> int:
             kernels[args.baseline] = kernel_at(args.baseline, Path(scratch))
         rows = measure(args, kernels)
     print_table(args, rows)
-    result = {
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - started, 1),
-        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        **run_facts(),
-        "rows": rows,
-    }
-    write_result(args.out, result)
+    write_result(args.out, rows_result(args, started, rows))
     return 0
 
 

@@ -759,6 +759,17 @@ def run_facts() -> dict:
     }
 
 
+def rows_result(args: argparse.Namespace, started: float, rows: list[dict]) -> dict:
+    """A table benchmark's JSON (step.py, kernel.py): when, how long, its arguments, where, its rows."""
+    return {
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        **run_facts(),
+        "rows": rows,
+    }
+
+
 def write_result(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

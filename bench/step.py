@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import random
 import statistics
@@ -26,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 from aiokafka import TopicPartition
-from pipeline import ROOT, run_facts, write_result  # sys.path: the repository root, for `processor`
+from pipeline import ROOT, rows_result, write_result  # sys.path: the repository root, for `processor`
 
 from processor.engine import AsyncGuardEngine, GuardEngine
 from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
@@ -209,14 +208,10 @@ def main() -> int:
     with long_lived_heap_frozen():  # as the worker runs
         rows = asyncio.run(run(args, model))
     print_table(args, rows)
-    result = {
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - started, 1),
-        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        **run_facts(),
-        "rows": rows,
-    }
-    write_result(args.out or ROOT / "bench" / "results" / f"step-{args.device.split(':')[0]}.json", result)
+    write_result(
+        args.out or ROOT / "bench" / "results" / f"step-{args.device.split(':')[0]}.json",
+        rows_result(args, started, rows),
+    )
     return 0
 
 
