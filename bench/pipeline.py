@@ -387,6 +387,8 @@ async def stage_totals(worker: subprocess.Popen) -> dict[str, tuple[float, float
                 name = sample.labels["stage"]
             elif sample.name.startswith("guardstream_step_events_"):
                 name = "events per step"
+            elif sample.name.startswith("guardstream_event_age_seconds_"):
+                name = "age"  # an event's, at decode: its mean is per event, not per step
             else:
                 continue
             entry = totals.setdefault(name, [0.0, 0.0])
@@ -429,7 +431,8 @@ def cpu_us_per_event(before: float | None, after: float | None, events: int) -> 
 
 
 def stage_means(before: dict, after: dict) -> dict[str, float | None]:
-    """Mean per step between two snapshots: stages in ms, 'events per step' as a count."""
+    """Mean per step between two snapshots: stages in ms, 'events per step' as a count; 'age' (an
+    event's when decoded) in ms, its mean per event."""
     means: dict[str, float | None] = {}
     for name, (total, count) in after.items():
         total_before, count_before = before.get(name, (0.0, 0.0))
@@ -711,8 +714,11 @@ def print_table(args, result: dict) -> None:
                 f" {number(row.get('machine_cpu_us_per_event')):>21}"
                 f" {row.get('machine_cores_busy') or '-':>11}"
             )
-        stage_names = ("events per step", *STAGES)
-        print("\nworker's mean per step (ms; from its /metrics): " + ", ".join(stage_names[1:]))
+        stage_names = ("events per step", "age", *STAGES)
+        print(
+            "\nworker's mean per step (ms; from its /metrics): an event's age when decoded (its mean), "
+            + ", ".join(stage_names[2:])
+        )
         print(f"{'target/s':>9} " + " ".join(f"{name.split()[0]:>9}" for name in stage_names))
         for row in result["rates"]:
             means = row["worker_step_stage_mean_ms"]

@@ -66,6 +66,14 @@ class WorkerMetrics:
             LATENCY_BUCKETS,
             r,
         )
+        # Split of the latency above: how old an event is when its step decodes it (waiting in Kafka,
+        # for a poll and for a core), the rest being the step's own work and publishing.
+        self.event_age = StepHistogram(
+            "guardstream_event_age_seconds",
+            "From the token event's ts to its step decoding it",
+            LATENCY_BUCKETS,
+            r,
+        )
         self.step_events = Histogram(
             "guardstream_step_events", "Token events per step", buckets=STEP_BUCKETS, registry=r
         )

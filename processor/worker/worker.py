@@ -258,6 +258,15 @@ class Worker:
             return None
 
         incoming, dead_letters = self.decode([record for records in batch.values() for record in records])
+        decoded = time.time()
+        self.metrics.event_age.observe_many(
+            [
+                decoded - item.sent_at
+                for items in incoming.values()
+                for item in items
+                if item.sent_at is not None
+            ]
+        )
         sessions = await self.sessions_for(list(incoming), stop)
         steps = [
             plan_conversation(sessions[conversation_id], items, self.writer, self.max_positions)

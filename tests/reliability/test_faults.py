@@ -222,6 +222,8 @@ async def test_kv_cache_far_below_active_set(model, kafka_bootstrap, redis_url, 
             # In-process: the metrics server shares this event loop, so read it from a thread.
             evictions = await _metric(http_port, "guardstream_evictions")
             rebuilt = await _metric(http_port, "guardstream_rebuilt_tokens")
+            aged = await _metric(http_port, "guardstream_event_age_seconds_count")
+            age_seconds = await _metric(http_port, "guardstream_event_age_seconds_sum")
             await finish_and_check(
                 "KV cache 6 blocks for 8 conversations",
                 model,
@@ -235,6 +237,8 @@ async def test_kv_cache_far_below_active_set(model, kafka_bootstrap, redis_url, 
             )
         assert not serving.done()
     assert evictions > 50 and rebuilt > 500, (evictions, rebuilt)
+    # Every event's age at decode observed (once, or again if a step was redone), and a plausible one.
+    assert aged >= load.sent and 0 < age_seconds / aged < 10, (aged, load.sent, age_seconds)
 
 
 @pytest.mark.timeout(240)
