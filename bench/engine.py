@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from processor.engine import EngineConfig, GuardEngine
-from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
+from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
 from processor.model.attention import resolve_attention_backend
 from processor.model.config import GuardConfig
 from processor.model.loader import GuardModel, load_guard_model
@@ -94,7 +94,7 @@ def engine_for_tokens(
     kv_cache_dtype: str = "auto",
 ) -> GuardEngine:
     block = 16
-    element = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype)
+    _, element = resolve_attention_and_cache(backend or BACKEND, kv_cache_dtype, model.device, model.dtype)
     budget = (tokens // block + 4 + conversations) * block * bytes_per_token(model.config, element)
     return GuardEngine(
         model,

@@ -28,7 +28,7 @@ from aiokafka import TopicPartition
 from pipeline import ROOT, rows_result, write_result  # sys.path: the repository root, for `processor`
 
 from processor.engine import AsyncGuardEngine, GuardEngine
-from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
+from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
 from processor.model import GuardModel, load_guard_model
 from processor.worker.heap import long_lived_heap_frozen
 from processor.worker.metrics import WorkerMetrics
@@ -92,7 +92,9 @@ class Records:
 
 async def measure(args, model: GuardModel, kv_cache_dtype: str, events_each: int, seed: int) -> dict:
     """A fresh worker and engine; every conversation filled to --context, then --steps measured steps."""
-    cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype)
+    _, cache_dtype = resolve_attention_and_cache(
+        args.attention_backend, kv_cache_dtype, model.device, model.dtype
+    )
     # Room for the chat template's tokens and each conversation's last, partly filled block: a
     # conversation evicted mid-run would fail the step (no history store here to rebuild it from).
     tokens_each = args.context + 64 + (args.steps + WARMUP_STEPS) * events_each

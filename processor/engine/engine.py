@@ -17,13 +17,13 @@ from processor.engine.kv_cache import (
     allocate_kv_cache,
     bytes_per_token,
     cache_budget_bytes,
-    resolve_kv_cache_dtype,
+    resolve_attention_and_cache,
 )
 from processor.engine.model_runner import ModelRunner
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
 from processor.engine.scheduler import ScheduledChunk, Scheduler
 from processor.engine.sequence import ChunkRequest, Conversation
-from processor.model.attention import get_attention_backend, resolve_attention_backend
+from processor.model.attention import get_attention_backend
 from processor.model.loader import GuardModel
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,9 @@ class GuardEngine:
         self.config = config or EngineConfig()
         if model.device.type == "cpu":
             keep_freed_host_memory()
-        # The backend first, for the cache dtype "auto" means (float16 where the C kernel reads it).
-        explicit = None if self.config.kv_cache_dtype == "auto" else self.config.kv_cache_dtype
-        self.attention_backend = resolve_attention_backend(
-            self.config.attention_backend,
-            model.device,
-            model.dtype,
-            resolve_kv_cache_dtype(explicit, model.dtype) if explicit else None,
+        self.attention_backend, cache_dtype = resolve_attention_and_cache(
+            self.config.attention_backend, self.config.kv_cache_dtype, model.device, model.dtype
         )
-        cache_dtype = resolve_kv_cache_dtype(self.config.kv_cache_dtype, model.dtype, self.attention_backend)
         per_token = bytes_per_token(model.config, cache_dtype)
         budget = cache_budget_bytes(model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction)
         num_blocks = budget // (per_token * self.config.block_size)

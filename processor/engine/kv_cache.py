@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from processor.model import cpu_kernel
+from processor.model.attention import resolve_attention_backend
 from processor.model.config import GuardConfig
 
 
@@ -41,6 +42,17 @@ def resolve_kv_cache_dtype(
     except KeyError:
         choices = ", ".join(["auto", *KV_CACHE_DTYPES])
         raise ValueError(f"unknown KV cache dtype {name!r}; choose one of {choices}") from None
+
+
+def resolve_attention_and_cache(
+    attention_backend: str, kv_cache_dtype: str, device: torch.device, model_dtype: torch.dtype
+) -> tuple[str, torch.dtype]:
+    """The attention backend and the cache's element type for these settings, in that order: a cache
+    dtype asked for by name narrows the backends "auto" may pick, and a cache dtype of "auto" follows
+    the backend picked (float16 where the C kernel reads it)."""
+    requested = None if kv_cache_dtype == "auto" else resolve_kv_cache_dtype(kv_cache_dtype, model_dtype)
+    backend = resolve_attention_backend(attention_backend, device, model_dtype, requested)
+    return backend, requested or resolve_kv_cache_dtype("auto", model_dtype, backend)
 
 
 def _kernel_reads_float16() -> bool:

@@ -174,13 +174,18 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        next_expiry = time.monotonic() + IDLE_SWEEP_SECONDS
-        interval, next_step = self.settings.step_interval_ms / 1000.0, 0.0
+        settings, next_expiry = self.settings, time.monotonic() + IDLE_SWEEP_SECONDS
+        interval, next_step = settings.step_interval_ms / 1000.0, 0.0
         try:
             while not stop.is_set():
                 if (early := next_step - time.monotonic()) > 0:
                     await asyncio.sleep(early)  # let the next step gather more (--step-interval-ms)
-                batch = await self.poll()
+                batch = await poll_records(
+                    self.consumer,
+                    settings.poll_timeout_ms or 100,
+                    settings.poll_max_records,
+                    settings.fresh_fetch_ms,
+                )
                 self.ready = True
                 # On a timer, not only when idle: steady traffic must not keep expired sessions counted.
                 if time.monotonic() >= next_expiry:
@@ -202,12 +207,6 @@ class Worker:
                         self.chain.start(functools.partial(self.finish, prepared, stop=stop))
         finally:
             await self.chain.wait()  # stopping: what was prepared is published, saved and committed
-
-    async def poll(self) -> dict[TopicPartition, list[ConsumerRecord]]:
-        settings = self.settings
-        return await poll_records(
-            self.consumer, settings.poll_timeout_ms or 100, settings.poll_max_records, settings.fresh_fetch_ms
-        )
 
     async def _settle(self, keep: int) -> bool:
         """Let at most `keep` finishes stay in flight; on a failure, recover and say False."""

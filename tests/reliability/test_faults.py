@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from processor.engine.kv_cache import bytes_per_token, resolve_kv_cache_dtype
+from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
 from tests.worker.harness import running_worker, worker_settings
 
 from .load import SteadyLoad, VerdictRecorder, committed_offsets, finish_and_check
@@ -189,7 +189,7 @@ async def test_kafka_broker_restart(model, worker_config, pool, redis_url, dedic
 
 def default_cache_dtype(model) -> torch.dtype:
     """What the worker's cache stores on this CPU by default (auto: float16 where the kernel reads it)."""
-    return resolve_kv_cache_dtype("auto", model.dtype, "paged_cpu")
+    return resolve_attention_and_cache("auto", "auto", model.device, model.dtype)[1]
 
 
 @pytest.mark.timeout(180)
