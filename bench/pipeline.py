@@ -93,6 +93,25 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 2)
 
 
+TAIL_WINDOW_SECONDS = 0.1
+
+
+def tail_windows(sent_times: list[float], latencies: list[float]) -> tuple[int, int]:
+    """(windows holding an event slower than p99, windows): the run cut into 100 ms windows by the
+    events' ts. A tail spread over the run touches many windows; one made of a few stalls, few."""
+    if not latencies:
+        return 0, 0
+    p99 = percentile(latencies, 0.99)
+    first = min(sent_times)
+    windows = {int((sent - first) / TAIL_WINDOW_SECONDS) for sent in sent_times}
+    slow = {
+        int((sent - first) / TAIL_WINDOW_SECONDS)
+        for sent, latency in zip(sent_times, latencies, strict=True)
+        if latency > p99
+    }
+    return len(slow), len(windows)
+
+
 async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -242,6 +261,7 @@ class Tally:
     first_count: int = 0  # assistant-token verdicts received together with the first one
     last_at: float | None = None
     latencies: list[float] = field(default_factory=list)  # seconds, event ts -> verdict received here
+    sent_times: list[float] = field(default_factory=list)  # each answered event's ts, as latencies
     worker_latencies: list[float] = field(default_factory=list)  # the verdicts' latency_ms / 1000
 
 
@@ -319,6 +339,7 @@ class VerdictReader:
                             continue
                         tally.answered += 1
                         tally.latencies.append(now - sent)
+                        tally.sent_times.append(sent)
                         if verdict.get("latency_ms") is not None:
                             tally.worker_latencies.append(verdict["latency_ms"] / 1000)
                         if tally.first_at is None:
@@ -569,6 +590,7 @@ async def one_rate(
     stages = stage_means(stages_before, await stage_totals(worker))
     elapsed = (tally.last_at - started_wall) if tally.last_at else None
     latencies = tally.latencies
+    slow_windows, windows = tail_windows(tally.sent_times, latencies)
     row = {
         "target_events_per_s": rate,
         "offered_events_per_s": round(total / send_seconds) if send_seconds > 0 else None,
@@ -588,6 +610,9 @@ async def one_rate(
         "latency_p95_ms": ms(percentile(latencies, 0.95)),
         "latency_p99_ms": ms(percentile(latencies, 0.99)),
         "latency_max_ms": ms(max(latencies, default=None)),
+        # How the slowest 1% spreads over the run: in how many of its 100 ms windows (by event ts).
+        "windows_with_latency_above_p99": slow_windows,
+        "windows": windows,
         "worker_latency_p50_ms": ms(percentile(tally.worker_latencies, 0.5)),
         "worker_latency_p99_ms": ms(percentile(tally.worker_latencies, 0.99)),
         "worker_step_stage_mean_ms": stages,  # from the worker's /metrics over this rate
@@ -703,7 +728,8 @@ def rate_summary(row: dict) -> str:
     latencies = " / ".join(number(row[f"latency_{name}_ms"]) for name in ("p50", "p95", "p99"))
     return (
         f"offered {number(row['offered_events_per_s'])}/s, sustained {row['sustained_events_per_s']:,}/s, "
-        f"{answered_text(row)}, p50/p95/p99 {latencies} ms"
+        f"{answered_text(row)}, p50/p95/p99 {latencies} ms "
+        f"(above p99 in {row['windows_with_latency_above_p99']} of {row['windows']} windows of 100 ms)"
     )
 
 
