@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
+import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,7 +67,10 @@ from pydantic_core import from_json
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache  # noqa: E402
 from processor.local.process import free_port  # noqa: E402
+from processor.model.config import GuardConfig  # noqa: E402
+from processor.model.loader import default_dtype, parse_dtype  # noqa: E402
 from processor.worker.heap import long_lived_heap_frozen  # noqa: E402
 from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
@@ -373,13 +377,15 @@ def kv_cache_bytes(args, conversations: int, tokens_each: list[int]) -> int | No
     if not args.device.startswith("cpu"):
         return None
     try:
-        config = json.loads((Path(args.model) / "config.json").read_text())
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        stored = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else args.dtype
-        element = 2 if stored in ("bfloat16", "float16") else 4
-        per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * element
+        config = GuardConfig.from_dict(json.loads((Path(args.model) / "config.json").read_text()))
     except (OSError, ValueError, KeyError):
         return MIN_CPU_KV_CACHE_BYTES
+    # The element type the worker's engine will store, resolved as the engine resolves it.
+    model_dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(torch.device("cpu"))
+    _, element = resolve_attention_and_cache(
+        args.attention_backend or "auto", args.kv_cache_dtype, torch.device("cpu"), model_dtype
+    )
+    per_token = bytes_per_token(config, element)
     blocks = sum(conversations * (math.ceil(tokens / BLOCK_SIZE) + 1) for tokens in tokens_each)
     return max(MIN_CPU_KV_CACHE_BYTES, int(1.25 * blocks * BLOCK_SIZE * per_token))
 

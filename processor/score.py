@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processor.engine import ChunkResult, ChunkStatus, EngineConfig, GuardEngine
-from processor.engine.kv_cache import bytes_per_token
+from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
 from processor.model.labels import SAFE
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import HEAD_NAMES
@@ -90,11 +90,13 @@ def single_conversation_engine(
     """An engine sized for one conversation of `length` tokens."""
     block_size = 16
     blocks = -(-max(length, 1) // block_size)
+    # Sized in the element type the engine will store (the same resolution as its own).
+    _, cache_dtype = resolve_attention_and_cache("auto", kv_cache_dtype, model.device, model.dtype)
     return GuardEngine(
         model,
         EngineConfig(
             block_size=block_size,
-            kv_cache_bytes=blocks * block_size * bytes_per_token(model.config, model.dtype),
+            kv_cache_bytes=blocks * block_size * bytes_per_token(model.config, cache_dtype),
             max_batch_tokens=max(chunk_size, 1),
             keep_probabilities=all_heads,
             kv_cache_dtype=kv_cache_dtype,
