@@ -28,9 +28,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self.register_buffer("inv_freq", self._inverse_frequencies(), persistent=False)
+        # Computed on the CPU, then moved to the device being built on: on the meta device (where the
+        # loader builds) this arithmetic runs through torch's Python decompositions, which import
+        # torch._dynamo and triton first (~1 s of every process start). The loader's `reset` gives the
+        # real values on the real device.
+        initial = self._inverse_frequencies(torch.device("cpu")).to(torch.get_default_device())
+        self.register_buffer("inv_freq", initial, persistent=False)
 
-    def _inverse_frequencies(self, device: torch.device | None = None) -> torch.Tensor:
+    def _inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         exponents = (
             torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         )

@@ -73,7 +73,12 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Backbone(nn.Module):
     def __init__(self, config: GuardConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Uninitialized (weights come from the checkpoint): nn.Embedding's own init draws normal values,
+        # which on the meta device the loader builds on runs through torch's Python decompositions and
+        # imports torch._dynamo and triton first: 1.1-1.5 s of every process start, for nothing.
+        self.embed_tokens = nn.Embedding.from_pretrained(
+            torch.empty(config.vocab_size, config.hidden_size), freeze=True
+        )
         self.layers = nn.ModuleList(Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)

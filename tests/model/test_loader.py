@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +73,15 @@ def test_unknown_model_says_what_it_tried(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="neither a local checkpoint folder nor a hub id"):
         load_guard_model("Qwen/Qwen3Guard-Stream-0.6B-not-cached-here", device="cpu")
+
+
+def test_loading_imports_no_compiler_stack(tiny_model_dir):
+    """Building the network on the meta device once ran torch's Python decompositions, which import
+    torch._dynamo and triton: over a second of every worker start. A fresh interpreter shows it."""
+    script = (
+        "import sys; from processor.model import load_guard_model; "
+        f"load_guard_model({str(tiny_model_dir)!r}, device='cpu'); "
+        "print(sorted(name for name in ('torch._dynamo', 'triton') if name in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
