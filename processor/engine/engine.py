@@ -22,7 +22,7 @@ from processor.engine.kv_cache import (
 from processor.engine.model_runner import ModelRunner
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
 from processor.engine.scheduler import ScheduledChunk, Scheduler
-from processor.engine.sequence import ChunkRequest, Conversation
+from processor.engine.sequence import LABEL_COLUMNS, ChunkRequest, Conversation
 from processor.model.attention import get_attention_backend
 from processor.model.loader import GuardModel
 
@@ -131,7 +131,9 @@ class GuardEngine:
         prefix = rebuild_prefix or []
         if rebuild_prefix is not None:
             self.release(conversation_id)
-        conversation = self._conversations.setdefault(conversation_id, Conversation(conversation_id))
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            conversation = self._conversations[conversation_id] = Conversation(conversation_id)
         request = ChunkRequest(
             request_id=next(self._request_ids),
             conversation_id=conversation_id,
@@ -186,8 +188,12 @@ class GuardEngine:
                 conversation.cached_token_ids += chunk.token_ids
                 keep_from = row + max(0, request.rebuild - chunk.offset)  # rebuild rows give no results
                 end = row + chunk.length
-                for column, values in zip(request.label_columns, output.label_columns, strict=True):
-                    column += values[keep_from:end]
+                kept = [values[keep_from:end] for values in output.label_columns]
+                if request.label_columns is None:
+                    request.label_columns = kept
+                else:  # a request split over steps (a long rebuild under the token budget)
+                    for column, values in zip(request.label_columns, kept, strict=True):
+                        column += values
                 if output.probabilities is not None:
                     for head, rows in output.probabilities.items():
                         request.probabilities.setdefault(head, []).extend(rows[keep_from:end])
@@ -225,7 +231,7 @@ class GuardEngine:
         self._finished.append(self._result(request, status))
 
     def _result(self, request: ChunkRequest, status: ChunkStatus) -> ChunkResult:
-        columns = request.label_columns
+        columns = request.label_columns or [[] for _ in LABEL_COLUMNS]  # none run: finished early
 
         def head(offset: int) -> HeadLabels:
             return HeadLabels(*columns[offset : offset + 4])

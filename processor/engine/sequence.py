@@ -32,13 +32,14 @@ class ChunkRequest:
     start_position: int
     rebuild: int = 0
     done: int = 0
-    # Per-token labels as columns (LABEL_COLUMNS order): class indexes are ints,
-    # probabilities floats, so results are handed out without converting each token.
-    label_columns: list[list] = field(default_factory=lambda: [[] for _ in LABEL_COLUMNS])
+    # Per-token labels as columns (LABEL_COLUMNS order): class indexes are ints, probabilities floats,
+    # so results are handed out without converting each token. None until the request's first rows
+    # run: most requests run whole in one step, and their columns are then that step's slices.
+    label_columns: list[list] | None = None
     probabilities: dict[str, list[list[float]]] = field(default_factory=dict)  # head -> per-token rows
 
     def clear_results(self) -> None:
-        self.label_columns = [[] for _ in LABEL_COLUMNS]
+        self.label_columns = None
         self.probabilities.clear()
 
     @property

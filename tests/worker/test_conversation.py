@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from processor.model.labels import Policy
 from processor.worker.conversation import Incoming, finish_conversation, plan_conversation
 from processor.worker.events import TokenEvent
@@ -63,3 +65,17 @@ def test_end_of_conversation_closes():
     outcome = finish(plan_conversation(Session("c"), [incoming(0, [1], end_of_conversation=True)], RAW, 100))
     assert outcome.closed and outcome.session.status == "ended"
     assert [v.kind for v in on_the_wire(outcome.verdicts)] == ["tokens", "turn_end", "conversation_end"]
+
+
+def test_the_session_after_a_step_keeps_what_the_step_does_not_change():
+    """finish_conversation builds the next session field by field: a field it does not name (one added
+    to Session later) would fall back to its default here."""
+    before = Session("c", stored=True, next_seq=1, length=5, owner="worker-7", updated=12.5)
+    after = finish(plan_conversation(before, [incoming(1, [4, 2])], RAW, 100)).session
+    changed = {"next_seq": 2, "length": 7, "turns": after.turns, "verdicts": after.verdicts}
+    for field in fields(Session):
+        expected = changed.get(field.name, getattr(before, field.name))
+        assert getattr(after, field.name) == expected, field.name
+    assert [field.name for field in fields(Session)] == [
+        "conversation_id", "stored", "next_seq", "length", "status", "turns", "verdicts", "owner", "updated"
+    ], "a new Session field: carry it in finish_conversation, then list it here"  # fmt: skip
