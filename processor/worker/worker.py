@@ -576,7 +576,7 @@ async def poll_records(
     aiokafka fetches a partition again only once its buffered records are drained, one fetch in flight
     per broker, and the event loop is busy while a step runs: the records held at a poll are those that
     arrived before the last step's early fetch, and the ones that arrived during that step would wait
-    a whole step more (`--fresh-fetch-ms`; measured in README, "Pipeline benchmark")."""
+    a whole step more (`--fresh-fetch-ms`; measured in bench/README.md, "Sixth session: the fresh fetch")."""
     batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
     count = sum(len(records) for records in batch.values())
     if batch and fresh_fetch_ms and count < max_records:
