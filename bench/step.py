@@ -1,177 +1,167 @@
-"""Worker step benchmark: the worker's preparation of one step (decode, plan, engine, verdicts), in-process.
+"""Worker step benchmark: the worker's preparation of one step (decode, plan, engine, verdicts).
 
-What a step costs the worker's main thread with nothing else in the way: records are made here and
-run through the real `Worker.prepare` and the real engine; no Kafka, no Redis, no other process. The
-pipeline benchmark's figures move with everything that shares the machine; this one isolates the
-worker's own CPU per step, at a few step shapes (events per conversation per step, one token each;
-the gap between 1 and 10 events a conversation is a step's fixed, per-conversation part) and for
-each KV cache dtype asked for, the variants alternating in rounds. Prints a table and writes JSON
-(bench/results/step-<device>.json). Not a test: nothing here asserts a speed.
+What a step costs the worker's main thread with nothing else in the way: records are made ahead and
+run through the real `Worker.prepare` and the real engine; no Kafka, no Redis. The pipeline
+benchmark's figures move with everything that shares the machine; this one isolates the worker's
+own CPU per step, at a few step shapes (events per conversation per step, one token each; the gap
+between 1 and 10 events a conversation is a step's fixed, per-conversation part) and for each KV
+cache dtype asked for. Prints a table and writes JSON (bench/results/step-<device>.json). Not a
+test: nothing here asserts a speed.
 
-    python bench/step.py --model DIR        # a checkpoint folder (guardstream make-test-model DIR)
+Each code tree's worker runs in a process of its own (bench/step_server.py). With `--baseline REV`
+that revision's `processor` is unpacked beside this checkout and the two workers prepare their steps
+in turn, step by step, on the same records: a change is judged by the median of the per-step ratios,
+which the machine's minute-to-minute speed (±30% between runs of the same code here) moves far less
+than it moves either side's time.
+
+    python bench/step.py --model DIR                     # a checkpoint (guardstream make-test-model DIR)
+    python bench/step.py --model DIR --baseline HEAD     # this checkout against the last commit
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
-from aiokafka import TopicPartition
-from pipeline import ROOT, rows_result, write_result  # sys.path: the repository root, for `processor`
+from pipeline import ROOT, rows_result, write_result
 
-from processor.engine import AsyncGuardEngine, GuardEngine
-from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
-from processor.model import GuardModel, load_guard_model
-from processor.worker.heap import long_lived_heap_frozen
-from processor.worker.metrics import WorkerMetrics
-from processor.worker.session_store import Session
-from processor.worker.settings import WorkerSettings
-from processor.worker.worker import Worker, engine_config
-
-TOPIC = TopicPartition("guard.tokens", 0)
-WARMUP_STEPS = 3
+SERVER = Path(__file__).with_name("step_server.py")
 
 
-class AssignedConsumer:
-    """What `Worker.prepare` asks of its consumer: the assignment (everything) and no lag."""
+class StepServer:
+    """One code tree's worker in its own process (bench/step_server.py), preparing a step per call."""
 
-    def assignment(self) -> set[TopicPartition]:
-        return {TOPIC}
+    def __init__(self, args: argparse.Namespace, root: Path, kv_cache_dtype: str, events: int, seed: int):
+        self.root = root
+        command = [sys.executable, str(SERVER), "--root", str(root), "--model", str(args.model)]
+        command += ["--device", args.device, "--threads", str(args.threads)]
+        command += ["--conversations", str(args.conversations), "--context", str(args.context)]
+        command += ["--events", str(events), "--kv-cache-dtype", kv_cache_dtype, "--seed", str(seed)]
+        command += ["--attention-backend", args.attention_backend, "--template", args.template]
+        command += ["--steps", str(args.steps)]
+        if args.dtype:
+            command += ["--dtype", args.dtype]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def highwater(self, partition: TopicPartition) -> None:
-        return None
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the step server for {self.root} exited (rc {self.process.wait()})")
+        return json.loads(line)
 
+    def wait_ready(self) -> None:
+        ready = self._read()
+        # An installed checkout could shadow the tree asked for: refuse to compare a tree with itself.
+        if Path(ready["processor"]).resolve() != (self.root / "processor").resolve():
+            raise RuntimeError(f"the server for {self.root} imported processor from {ready['processor']}")
 
-class Records:
-    """Token event records for the step, numbered per conversation as a producer would."""
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return self._read()["seconds"]
 
-    def __init__(self, conversations: list[str], seed: int) -> None:
-        self.conversations = conversations
-        self.next_seq = dict.fromkeys(conversations, 0)
-        self.rng = random.Random(seed)
-        self.offset = 0
-
-    def batch(self, events_each: int, tokens_each: int = 1) -> dict[TopicPartition, list]:
-        records = []
-        for conversation_id in self.conversations:
-            for _ in range(events_each):
-                seq = self.next_seq[conversation_id]
-                self.next_seq[conversation_id] += 1
-                tokens = [self.rng.randrange(1000, 6000) for _ in range(tokens_each)]
-                value = json.dumps(
-                    {
-                        "conversation_id": conversation_id,
-                        "seq": seq,
-                        "role": "assistant",
-                        "token_ids": tokens,
-                        "ts": time.time(),
-                    }
-                ).encode()
-                records.append(
-                    SimpleNamespace(
-                        key=conversation_id.encode(),
-                        value=value,
-                        timestamp=0,
-                        topic=TOPIC.topic,
-                        partition=TOPIC.partition,
-                        offset=self.offset,
-                    )
-                )
-                self.offset += 1
-        self.rng.shuffle(records)  # as several partitions' records interleave in a real poll
-        return {TOPIC: records}
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
-async def measure(args, model: GuardModel, kv_cache_dtype: str, events_each: int, seed: int) -> dict:
-    """A fresh worker and engine; every conversation filled to --context, then --steps measured steps."""
-    _, cache_dtype = resolve_attention_and_cache(
-        args.attention_backend, kv_cache_dtype, model.device, model.dtype
-    )
-    # Room for the chat template's tokens and each conversation's last, partly filled block: a
-    # conversation evicted mid-run would fail the step (no history store here to rebuild it from).
-    tokens_each = args.context + 64 + (args.steps + WARMUP_STEPS) * events_each
-    cache_bytes = args.conversations * tokens_each * bytes_per_token(model.config, cache_dtype)
-    settings = WorkerSettings(
-        model=str(args.model),
-        template=args.template,
-        kv_cache_bytes=cache_bytes,
-        kv_cache_dtype=kv_cache_dtype,
-        attention_backend=args.attention_backend,
-    )
-    front = AsyncGuardEngine(GuardEngine(model, engine_config(settings)))
-    worker = Worker(settings, model, front, None, AssignedConsumer(), None, WorkerMetrics())  # type: ignore[arg-type]
-    conversations = [f"step-bench-{number:05d}" for number in range(args.conversations)]
-    for conversation_id in conversations:
-        worker.sessions.put(Session(conversation_id, stored=True))  # no Redis: sessions start here
-    records, stop = Records(conversations, seed), asyncio.Event()
-    await worker.prepare(records.batch(1, tokens_each=args.context), stop)
-    seconds = []
-    for step in range(WARMUP_STEPS + args.steps):
-        batch = records.batch(events_each)
-        started = time.process_time()
-        await worker.prepare(batch, stop)
-        if step >= WARMUP_STEPS:
-            seconds.append(time.process_time() - started)
-    await front.close()
-    seconds.sort()
-    events = args.conversations * events_each
-    median = statistics.median(seconds)
-    return {
-        "kv_cache_dtype": kv_cache_dtype,
-        "events_per_conversation": events_each,
-        "conversations": args.conversations,
-        "events_per_step": events,
-        "context_first": args.context,
-        "context_last": args.context + 1 + (WARMUP_STEPS + args.steps) * events_each,
-        "ms_per_step_median": round(1000 * median, 2),
-        "ms_per_step_q1": round(1000 * seconds[len(seconds) // 4], 2),
-        "us_per_event_median": round(1e6 * median / events, 2),
-    }
+def unpack_revision(revision: str, into: Path) -> Path:
+    """`processor/` as it was at `revision` (git archive), under `into`."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", revision, "processor"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
-async def run(args, model: GuardModel) -> list[dict]:
+def measure(args, trees: dict[str, Path], kv_cache_dtype: str, events: int, seed: int) -> list[dict]:
+    """Every tree's worker, set up at once, then stepping in turn (the order flipping every step)."""
+    servers = {name: StepServer(args, root, kv_cache_dtype, events, seed) for name, root in trees.items()}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        seconds: dict[str, list[float]] = {name: [] for name in servers}
+        names = list(servers)
+        for step in range(args.steps):
+            for name in names if step % 2 == 0 else reversed(names):
+                seconds[name].append(servers[name].step())
+    finally:
+        for server in servers.values():
+            server.close()
+    first = names[0]
+    rows = []
+    for name in names:
+        median = statistics.median(seconds[name])
+        row = {
+            "tree": name,
+            "kv_cache_dtype": kv_cache_dtype,
+            "events_per_conversation": events,
+            "conversations": args.conversations,
+            "events_per_step": args.conversations * events,
+            "context_first": args.context,
+            "ms_per_step_median": round(1000 * median, 2),
+            "us_per_event_median": round(1e6 * median / (args.conversations * events), 2),
+        }
+        if name != first:  # step by step against the first tree's step of the same records
+            ratios = sorted(mine / theirs for mine, theirs in zip(seconds[name], seconds[first], strict=True))
+            quarter = len(ratios) // 4
+            row["ratio_to_working_tree_median"] = round(statistics.median(ratios), 3)
+            row["ratio_to_working_tree_iqr"] = [round(ratios[quarter], 3), round(ratios[-1 - quarter], 3)]
+        rows.append(row)
+    return rows
+
+
+def run(args, trees: dict[str, Path]) -> list[dict]:
     rows: list[dict] = []
     for round_index in range(args.rounds):
         for kv_cache_dtype in args.kv_cache_dtypes:
-            for events_each in args.events_per_conversation:
-                row = await measure(args, model, kv_cache_dtype, events_each, seed=round_index)
-                row["round"] = round_index + 1
-                rows.append(row)
-                print(
-                    f"  round {row['round']}, {kv_cache_dtype} KV, {events_each} events a conversation: "
-                    f"{row['ms_per_step_median']} ms a step, {row['us_per_event_median']} us an event",
-                    flush=True,
-                )
+            for events in args.events_per_conversation:
+                for row in measure(args, trees, kv_cache_dtype, events, seed=round_index):
+                    row["round"] = round_index + 1
+                    rows.append(row)
+                    ratio = row.get("ratio_to_working_tree_median")
+                    print(
+                        f"  round {row['round']}, {row['tree']}, {kv_cache_dtype} KV, {events} events a "
+                        f"conversation: {row['ms_per_step_median']} ms a step, {row['us_per_event_median']} "
+                        f"us an event" + ("" if ratio is None else f", {ratio}x the working tree's"),
+                        flush=True,
+                    )
     return rows
 
 
 def print_table(args, rows: list[dict]) -> None:
     print(
-        f"\nworker step, in-process: {args.conversations} conversations, one token an event, from "
-        f"{args.context} keys, {args.steps} steps (median CPU of the best round)"
+        f"\nworker step: {args.conversations} conversations, one token an event, from {args.context} keys, "
+        f"{args.steps} steps (median CPU per step; ratio: median of per-step ratios, all rounds)"
     )
-    header = (
-        f"{'KV cache':>9} {'events/conv':>12} {'events/step':>12} {'ms/step':>9} {'us/event':>9}  context"
+    print(
+        f"{'tree':>14} {'KV cache':>9} {'events/conv':>12} {'events/step':>12} {'ms/step':>9} "
+        f"{'us/event':>9}  its time / the working tree's"
     )
-    print(header)
-    best: dict[tuple[str, int], dict] = {}
+    shapes: dict[tuple[str, str, int], list[dict]] = {}
     for row in rows:
-        key = (row["kv_cache_dtype"], row["events_per_conversation"])
-        if key not in best or row["ms_per_step_median"] < best[key]["ms_per_step_median"]:
-            best[key] = row
-    for (kv_cache_dtype, events_each), row in best.items():
+        shapes.setdefault((row["tree"], row["kv_cache_dtype"], row["events_per_conversation"]), []).append(
+            row
+        )
+    for (tree, kv_cache_dtype, events), runs in shapes.items():
+        best = min(runs, key=lambda row: row["ms_per_step_median"])
+        ratios = [
+            row["ratio_to_working_tree_median"] for row in runs if "ratio_to_working_tree_median" in row
+        ]
+        ratio = (
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f} by round)"
+            if ratios
+            else ""
+        )
         print(
-            f"{kv_cache_dtype:>9} {events_each:>12} {row['events_per_step']:>12} "
-            f"{row['ms_per_step_median']:>9.1f} {row['us_per_event_median']:>9.1f}  "
-            f"{row['context_first']}-{row['context_last']}"
+            f"{tree:>14} {kv_cache_dtype:>9} {events:>12} {best['events_per_step']:>12} "
+            f"{best['ms_per_step_median']:>9.1f} {best['us_per_event_median']:>9.1f}  {ratio}"
         )
 
 
@@ -180,6 +170,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    parser.add_argument(
+        "--baseline", default=None, help="a git revision whose worker steps in turn with this one"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument(
@@ -198,17 +191,19 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--template", default="chat", choices=["chat", "raw"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps per shape")
-    parser.add_argument("--rounds", type=int, default=2, help="every variant once a round, alternating")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="every shape once a round, each with fresh workers"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/step-<device>.json")
     args = parser.parse_args()
     args.events_per_conversation = [int(value) for value in args.events_per_conversation.split(",")]
     args.kv_cache_dtypes = args.kv_cache_dtypes.split(",")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    model = load_guard_model(str(args.model), args.device, args.dtype)
     started = time.time()
-    with long_lived_heap_frozen():  # as the worker runs
-        rows = asyncio.run(run(args, model))
+    with tempfile.TemporaryDirectory() as scratch:
+        trees = {"working tree": ROOT}
+        if args.baseline:
+            trees[args.baseline] = unpack_revision(args.baseline, Path(scratch))
+        rows = run(args, trees)
     print_table(args, rows)
     write_result(
         args.out or ROOT / "bench" / "results" / f"step-{args.device.split(':')[0]}.json",
