@@ -73,7 +73,7 @@ def plan_conversation(
     session: Session, incoming: list[Incoming], writer: TurnWriter, max_positions: int
 ) -> ConversationStep:
     step = ConversationStep(session, turns=session.turns, next_seq=session.next_seq, status=session.status)
-    for item in incoming if len(incoming) == 1 else sorted(incoming, key=lambda item: item.event.seq):
+    for item in sorted(incoming, key=lambda item: item.event.seq):
         event = item.event
         if event.seq < step.next_seq:
             step.duplicates += 1
