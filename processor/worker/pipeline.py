@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 
 from processor.worker.session_store import Session, SessionStore
 
@@ -68,7 +67,7 @@ class SessionCache:
         return self._sessions.get(conversation_id)
 
     def put(self, session: Session) -> Session:
-        cached = session if session.stored else replace(session, stored=True)
+        cached = session if session.stored else session._replace(stored=True)
         self._sessions[session.conversation_id] = cached
         return cached
 

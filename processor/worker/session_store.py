@@ -19,8 +19,8 @@ import json
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 from pydantic_core import to_json  # a step's session writes: ~3x json.dumps
 from redis.asyncio import Redis
@@ -62,15 +62,17 @@ class HistoryMissing(RuntimeError):
     """Redis no longer holds the tokens a conversation's rebuild needs (expired, or Redis lost data)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
+    """A conversation's session as a step finds or leaves it. Immutable; a NamedTuple rather than a
+    frozen dataclass because one is made per conversation a step (~0.5 us against ~2.8)."""
+
     conversation_id: str
     stored: bool = False  # whether Redis had it at the start of the step
     next_seq: int = 0
     length: int = 0  # tokens fed to the model so far
     status: SessionStatus = "active"
-    turns: TurnState = field(default_factory=TurnState)
-    verdicts: VerdictState = field(default_factory=VerdictState)
+    turns: TurnState = TurnState()  # immutable: one default shared by all
+    verdicts: VerdictState = VerdictState()
     owner: str = ""
     updated: float = 0.0
 

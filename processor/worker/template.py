@@ -49,24 +49,53 @@ class ClosedTurn:
     prompt_index: int | None = None
 
 
-class FedTokens:
-    """Token ids to feed for one event, with per token its role, turn and whether it is content."""
+# Consecutive fed tokens of one turn, content or the template's own: (start, end) indexes in
+# FedTokens.token_ids, role, turn, content. A plain tuple: one is made per token event, and a
+# NamedTuple's constructor costs ~10x a tuple's.
+FedSpan = tuple[int, int, Role, int, bool]
 
-    __slots__ = ("closed_turns", "content", "roles", "token_ids", "turns")
+
+class FedTokens:
+    """Token ids to feed for one event, in spans of one turn each (content or template tokens).
+
+    An event's content is usually one span. It is two when the event closes a text turn whose tail was
+    held back (see text.py): that tail is the closed turn's content, fed with this event."""
+
+    __slots__ = ("closed_turns", "content_spans", "spans", "token_ids")
 
     # A plain __init__: one is built per token event, and a dataclass's default factories cost ~2x.
     def __init__(self) -> None:
         self.token_ids: list[int] = []
-        self.roles: list[Role] = []
-        self.turns: list[int] = []
-        self.content: list[bool] = []
+        self.spans: list[FedSpan] = []
+        self.content_spans: list[FedSpan] = []  # the spans whose content flag is set
         self.closed_turns: list[ClosedTurn] = []
 
     def add(self, token_ids: Sequence[int], role: Role, turn: int, content: bool) -> None:
-        self.token_ids.extend(token_ids)
-        self.roles.extend([role] * len(token_ids))
-        self.turns.extend([turn] * len(token_ids))
-        self.content.extend([content] * len(token_ids))
+        if token_ids:
+            start = len(self.token_ids)
+            self.token_ids.extend(token_ids)
+            span = (start, len(self.token_ids), role, turn, content)
+            self.spans.append(span)
+            if content:
+                self.content_spans.append(span)
+
+    @property
+    def last_turn(self) -> int | None:
+        """The turn of the last token fed; None when nothing is."""
+        return self.spans[-1][3] if self.spans else None
+
+    # Per token, for readers that want columns (tests, debugging); the worker reads the spans.
+    @property
+    def roles(self) -> list[Role]:
+        return [role for start, end, role, _, _ in self.spans for _ in range(start, end)]
+
+    @property
+    def turns(self) -> list[int]:
+        return [turn for start, end, _, turn, _ in self.spans for _ in range(start, end)]
+
+    @property
+    def content(self) -> list[bool]:
+        return [content for start, end, _, _, content in self.spans for _ in range(start, end)]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -129,7 +158,7 @@ class TurnWriter:
             prompt_index = len(fed) if role == "user" else None  # the <|im_end|> about to be added
             fed.add([special.im_end, special.newline], role, state.turn, content=False)
         else:
-            last_fed_now = len(fed) > 0 and fed.turns[-1] == state.turn
+            last_fed_now = fed.last_turn == state.turn
             prompt_index = len(fed) - 1 if role == "user" and last_fed_now else None
         fed.closed_turns.append(ClosedTurn(state.turn, role, explicit, prompt_index))
         return TurnState(turn=state.turn, open_role=None, text_tail="")

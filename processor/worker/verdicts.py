@@ -11,8 +11,8 @@ alert of its user turn.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, get_args
 
 from processor.engine.results import ChunkResult, HeadLabels
 from processor.model.labels import SAFE, LabelMaps, Policy, apply_policy, is_flagged
@@ -73,9 +73,12 @@ class Flag:
 NO_FLAG = Flag()
 
 
-@dataclass(frozen=True, slots=True)
-class VerdictState:
-    """The verdict side of a session (persisted in Redis): debounce and summaries so far."""
+class VerdictState(NamedTuple):
+    """The verdict side of a session (persisted in Redis): debounce and summaries so far.
+
+    Immutable, and a NamedTuple rather than a frozen dataclass: a new one is made for most token events
+    (the debounce moves), and a frozen dataclass's __init__ costs ~5x a tuple's.
+    """
 
     turn: int = -1  # the turn the fields below describe
     previous_flagged: bool = False  # the turn's last content token was flagged (debounce)
@@ -88,17 +91,11 @@ class VerdictState:
     def for_turn(self, turn: int) -> VerdictState:
         if turn == self.turn:
             return self
-        return replace(
-            self,
-            turn=turn,
-            previous_flagged=False,
-            turn_level=SAFE,
-            turn_alert_position=None,
-            turn_flag=NO_FLAG,
+        return self._replace(
+            turn=turn, previous_flagged=False, turn_level=SAFE, turn_alert_position=None, turn_flag=NO_FLAG
         )
 
     def with_debounce(self, previous_flagged: bool, turn_level: str) -> VerdictState:
-        # Positional construction: dataclasses.replace cost ~3 us, and this runs for most token events.
         return VerdictState(
             self.turn,
             previous_flagged,
@@ -110,15 +107,16 @@ class VerdictState:
         )
 
     def with_alert(self, position: int, flag: Flag) -> VerdictState:
-        state = replace(self, turn_alert_position=position, turn_flag=flag)
+        state = self._replace(turn_alert_position=position, turn_flag=flag)
         if self.alert_position is None:
-            state = replace(state, alert_position=position, conversation_flag=flag)
+            state = state._replace(alert_position=position, conversation_flag=flag)
         return state
 
 
 def latency_ms(sent_at: float | None, now: float) -> float | None:
-    """From the event's ts (else its record's timestamp) to now, as verdicts carry it."""
-    return None if sent_at is None else round((now - sent_at) * 1000.0, 3)
+    """From the event's ts (else its record's timestamp) to now, in ms to the microsecond, as verdicts
+    carry it (round to an integer, then divide: round(x, 3) costs ~8x, once per token event)."""
+    return None if sent_at is None else round((now - sent_at) * 1_000_000.0) / 1000.0
 
 
 # A verdict's summary fields: (risk_level, risk_prob, category, category_prob). Tuples, not Flags, on
@@ -150,25 +148,40 @@ def build_verdicts(
                 state, verdicts, event, turn, result, offset, start_position, config, latency
             )
 
-    is_content = fed.content
-    content = range(len(is_content)) if all(is_content) else [k for k, c in enumerate(is_content) if c]
-    if content:
-        first = content[0]
-        turn, role = fed.turns[first], fed.roles[first]
-        before = state.for_turn(turn)
-        state, tokens, summary, alert_position = _content_verdicts(
-            before, role, content, result, offset, start_position, config
-        )
+    content_spans = fed.content_spans
+    if content_spans:
+        # One verdict lists all the content the event fed, each token read with its own turn's heads:
+        # usually one span; two when the event closed a text turn whose held-back tail it fed. The
+        # verdict's turn and role are the last span's (the event's own content); its summary is that
+        # of the span that raised an alert, else the last span's.
+        tokens: list[dict] = []
+        summary: Summary = NO_SUMMARY
+        alert_position: int | None = None
+        level_changed = False
+        for start, end, role, content_turn, _ in content_spans:
+            before = state.for_turn(content_turn)
+            state, span_tokens, span_summary, span_alert = _content_verdicts(
+                before, role, range(start, end), result, offset, start_position, config
+            )
+            tokens += span_tokens
+            if alert_position is None:
+                summary, alert_position = span_summary, span_alert
+            level_changed = level_changed or (role == "assistant" and before.turn_level != state.turn_level)
         raised = alert_position is not None
         mode = config.mode
-        if (
-            mode == "tokens"
-            or raised
-            or (mode == "changes" and role == "assistant" and before.turn_level != state.turn_level)
-        ):
+        if mode == "tokens" or raised or (mode == "changes" and level_changed):
             verdicts.append(
                 _verdict(
-                    event, "tokens", turn, role, summary, tokens, raised, alert_position, latency, config
+                    event,
+                    "tokens",
+                    content_turn,
+                    role,
+                    summary,
+                    tokens,
+                    raised,
+                    alert_position,
+                    latency,
+                    config,
                 )
             )
 
@@ -179,7 +192,8 @@ def build_verdicts(
             )
 
     if event.end_of_conversation:
-        last_turn = max(state.turn, fed.turns[-1] if fed.turns else -1)
+        last_fed = fed.last_turn
+        last_turn = state.turn if last_fed is None else max(state.turn, last_fed)
         verdicts.append(
             _verdict(
                 event,

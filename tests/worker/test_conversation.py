@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 from processor.model.labels import Policy
 from processor.worker.conversation import Incoming, finish_conversation, plan_conversation
 from processor.worker.events import TokenEvent
@@ -73,9 +71,9 @@ def test_the_session_after_a_step_keeps_what_the_step_does_not_change():
     before = Session("c", stored=True, next_seq=1, length=5, owner="worker-7", updated=12.5)
     after = finish(plan_conversation(before, [incoming(1, [4, 2])], RAW, 100)).session
     changed = {"next_seq": 2, "length": 7, "turns": after.turns, "verdicts": after.verdicts}
-    for field in fields(Session):
-        expected = changed.get(field.name, getattr(before, field.name))
-        assert getattr(after, field.name) == expected, field.name
-    assert [field.name for field in fields(Session)] == [
+    for name in Session._fields:
+        expected = changed.get(name, getattr(before, name))
+        assert getattr(after, name) == expected, name
+    assert list(Session._fields) == [
         "conversation_id", "stored", "next_seq", "length", "status", "turns", "verdicts", "owner", "updated"
     ], "a new Session field: carry it in finish_conversation, then list it here"  # fmt: skip

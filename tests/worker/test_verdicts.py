@@ -7,6 +7,7 @@ import pytest
 from processor.model.labels import Policy
 from processor.worker.events import TokenEvent
 from processor.worker.template import TurnState, TurnWriter
+from processor.worker.text import IncrementalTokenizer
 from processor.worker.verdicts import VerdictConfig, VerdictState, build_verdicts, latency_ms
 
 from .fakes import CONTROVERSIAL, LABELS, SAFE, UNSAFE, chunk, on_the_wire
@@ -148,3 +149,26 @@ def test_conversation_end_summarizes_first_alert():
     )
     end = verdicts[-1]
     assert end.kind == "conversation_end" and end.risk_level == "Unsafe" and end.alert_position == 1
+
+
+def test_a_text_turn_closed_by_the_next_role_reads_its_tail_with_its_own_heads(qwen3_tokenizer, special_ids):
+    """A user text turn left open holds back its tail (text.py); the assistant event that closes it
+    feeds that tail first. Its verdict is the assistant's (turn, role, debounce), and the tail's
+    tokens are read from the query heads, the assistant's from the response heads."""
+    writer = TurnWriter("chat", special_ids, IncrementalTokenizer(qwen3_tokenizer))
+    user = TokenEvent(conversation_id="c", seq=0, role="user", text="Tell me a joke")
+    answer = TokenEvent(conversation_id="c", seq=1, role="assistant", text="Why did the chicken")
+    turns, first = writer.feed(TurnState(), user)
+    turns, fed = writer.feed(turns, answer)
+    tail, own = fed.content_spans  # the precondition: the user's tail rides with the answer
+    assert (tail[2:4], own[2:4]) == (("user", 0), ("assistant", 1))
+    n = len(fed)
+    result = chunk(fed.token_ids, [UNSAFE] * n, [SAFE] * n, start=len(first))
+    _, verdicts = build_verdicts(VerdictState(turn=0), answer, fed, result, 0, config(), LATENCY)
+    prompt, tokens = on_the_wire(verdicts)
+    assert prompt.kind == "prompt" and prompt.role == "user" and prompt.turn == 0
+    assert tokens.kind == "tokens" and (tokens.role, tokens.turn) == ("assistant", 1)
+    listed = {t.position - len(first): t.risk_level for t in tokens.tokens}
+    assert listed == {k: "Safe" for k in range(*tail[:2])} | {k: "Unsafe" for k in range(*own[:2])}
+    # the debounce counts the assistant's own tokens only: two flagged ones raise the alert
+    assert tokens.alert and tokens.alert_position == len(first) + own[0] + 1
