@@ -37,3 +37,19 @@ async def test_no_second_poll_when_the_first_found_nothing_filled_the_step_or_it
     off = ScriptedConsumer({P0: ["a0"]}, {P0: ["a1"]})
     assert await poll_records(off, timeout_ms=100, max_records=10, fresh_fetch_ms=0) == {P0: ["a0"]}
     assert [len(consumer.calls) for consumer in (idle, full, off)] == [1, 1, 1]
+
+
+async def test_the_held_records_are_handed_over_while_the_fresh_fetch_is_in_flight():
+    consumer = ScriptedConsumer({P0: ["a0", "a1"]}, {P0: ["a2"]})
+    seen = []
+
+    def while_fetching(first: dict) -> None:
+        seen.append(({partition: list(records) for partition, records in first.items()}, len(consumer.calls)))
+
+    batch = await poll_records(consumer, 100, max_records=10, fresh_fetch_ms=5, while_fetching=while_fetching)
+    assert seen == [({P0: ["a0", "a1"]}, 1)]  # after the first getmany, before the second
+    assert batch == {P0: ["a0", "a1", "a2"]}
+    nothing_more = ScriptedConsumer({P0: ["a0"]})
+    seen.clear()
+    await poll_records(nothing_more, 100, max_records=1, fresh_fetch_ms=5, while_fetching=seen.append)
+    assert seen == []  # no fresh fetch (the step is full): the step's preparation decodes everything

@@ -1,6 +1,7 @@
 """A prepared step (its model run, waiting to publish, save and commit) keeps what its finish needs
 and none of its records: steps stay in flight for a few cycles, and per-event objects kept that long
-made the garbage collector's young collections walk tens of thousands of them (long pauses)."""
+made the garbage collector's young collections walk tens of thousands of them (long pauses). And a
+step whose first records were decoded during the poll is the step decoded whole."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from processor.worker.settings import WorkerSettings
 from processor.worker.worker import StepCounts, Worker, engine_config
 
 TOPIC = TopicPartition("guard.tokens", 0)
+OTHER = TopicPartition("guard.tokens", 1)
 
 
 @dataclass
@@ -41,18 +43,49 @@ class AssignedConsumer:
         return None
 
 
-def token_event(conversation_id: str, seq: int, offset: int) -> Record:
+class PollingConsumer:
+    """Answers getmany from a script; `assigned` is what the assignment is by the time of prepare."""
+
+    def __init__(self, *answers: dict, assigned: set[TopicPartition]) -> None:
+        self.answers, self.assigned = list(answers), assigned
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+        return self.answers.pop(0) if self.answers else {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def highwater(self, partition: TopicPartition) -> None:
+        return None
+
+
+def token_event(conversation_id: str, seq: int, offset: int, partition: TopicPartition = TOPIC) -> Record:
     value = {"conversation_id": conversation_id, "seq": seq, "role": "assistant", "token_ids": [1000, 1001]}
-    return Record(TOPIC.topic, TOPIC.partition, offset, conversation_id.encode(), json.dumps(value).encode())
+    key, encoded = conversation_id.encode(), json.dumps(value).encode()
+    return Record(partition.topic, partition.partition, offset, key, encoded)
 
 
-async def test_a_prepared_step_keeps_its_offsets_and_counts_not_its_records(tiny_model_dir):
+def tiny_worker(tiny_model_dir, consumer, conversations: str) -> tuple[Worker, AsyncGuardEngine]:
     model = load_guard_model(tiny_model_dir, device="cpu", dtype="float32")
     settings = WorkerSettings(model=str(tiny_model_dir), template="raw", kv_cache_bytes=4 * 1024 * 1024)
     front = AsyncGuardEngine(GuardEngine(model, engine_config(settings)))
-    worker = Worker(settings, model, front, None, AssignedConsumer(), None, WorkerMetrics())  # type: ignore[arg-type]
-    for conversation_id in ("a", "b"):
+    worker = Worker(settings, model, front, None, consumer, None, WorkerMetrics())  # type: ignore[arg-type]
+    for conversation_id in conversations:
         worker.sessions.put(Session(conversation_id, stored=True))  # no Redis: sessions start here
+    return worker, front
+
+
+def answered(prepared) -> list[tuple]:
+    """What a prepared step says, conversation by conversation, in a comparable form."""
+    verdicts = [verdict for outcome in prepared.outcomes for verdict in outcome.verdicts]
+    return sorted(
+        (v["conversation_id"], v["seq"], v["kind"], [(t["position"], t["risk_level"]) for t in v["tokens"]])
+        for v in verdicts
+    )
+
+
+async def test_a_prepared_step_keeps_its_offsets_and_counts_not_its_records(tiny_model_dir):
+    worker, front = tiny_worker(tiny_model_dir, AssignedConsumer(), "ab")
     # a: seq 0, 1, 2; b: seq 0, 1, and seq 0 again (a redelivery: counted as a duplicate, not applied)
     records = [
         token_event(conversation_id, seq, offset)
@@ -72,5 +105,43 @@ async def test_a_prepared_step_keeps_its_offsets_and_counts_not_its_records(tiny
         assert sorted((v["conversation_id"], v["seq"]) for v in verdicts) == [
             ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)
         ]  # fmt: skip
+    finally:
+        await front.close()
+
+
+async def test_records_decoded_during_the_poll_make_the_step_decoded_whole(tiny_model_dir):
+    """The first getmany's records are decoded while the fresh fetch is in flight; the step they make
+    with the fetch's records is the one decoding them all in prepare makes (a redelivery included)."""
+    order = [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 0)]
+    records = [token_event(c, seq, offset) for offset, (c, seq) in enumerate(order, start=40)]
+    whole_worker, whole_front = tiny_worker(tiny_model_dir, AssignedConsumer(), "ab")
+    polled = PollingConsumer({TOPIC: records[:3]}, {TOPIC: records[3:]}, assigned={TOPIC})
+    ahead_worker, ahead_front = tiny_worker(tiny_model_dir, polled, "ab")
+    try:
+        whole = await whole_worker.prepare({TOPIC: list(records)}, asyncio.Event())
+        batch, ahead = await ahead_worker.poll()
+        assert ahead is not None and ahead.counts == {TOPIC: 3}  # decoded before the second getmany
+        split = await ahead_worker.prepare(batch, asyncio.Event(), ahead)
+        assert whole is not None and split is not None
+        assert answered(split) == answered(whole) and len(answered(whole)) == 5
+        assert (split.offsets, split.counts) == (whole.offsets, whole.counts)
+    finally:
+        await whole_front.close()
+        await ahead_front.close()
+
+
+async def test_a_partition_gone_since_the_poll_takes_its_early_records_with_it(tiny_model_dir):
+    """Records decoded during the poll from a partition revoked before prepare are not moderated (their
+    new owner does that); the step is the kept partition's records, decoded afresh."""
+    first = {TOPIC: [token_event("a", 0, 10)], OTHER: [token_event("b", 0, 20, OTHER)]}
+    more = {OTHER: [token_event("b", 1, 21, OTHER)]}
+    worker, front = tiny_worker(tiny_model_dir, PollingConsumer(first, more, assigned={OTHER}), "ab")
+    try:
+        batch, ahead = await worker.poll()
+        assert ahead is not None and ahead.counts == {TOPIC: 1, OTHER: 1}
+        prepared = await worker.prepare(batch, asyncio.Event(), ahead)
+        assert prepared is not None and prepared.offsets == {OTHER: 22}
+        assert [(c, seq) for c, seq, _, _ in answered(prepared)] == [("b", 0), ("b", 1)]
+        assert prepared.dead_letters == []
     finally:
         await front.close()
