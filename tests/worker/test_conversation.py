@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from processor.model.labels import Policy
 from processor.worker.conversation import Incoming, finish_conversation, plan_conversation
 from processor.worker.events import TokenEvent
 from processor.worker.session_store import Session
-from processor.worker.template import TurnWriter
+from processor.worker.template import TurnWriter, render_conversation
+from processor.worker.text import IncrementalTokenizer
 from processor.worker.verdicts import VerdictConfig
 
-from .fakes import LABELS, SAFE, chunk, on_the_wire
+from .fakes import CONTROVERSIAL, LABELS, SAFE, UNSAFE, chunk, on_the_wire
 
 RAW = TurnWriter("raw", None, None)
 CONFIG = VerdictConfig(LABELS, Policy.STRICT, "tokens", "tiny")
@@ -77,3 +83,84 @@ def test_the_session_after_a_step_keeps_what_the_step_does_not_change():
     assert list(Session._fields) == [
         "conversation_id", "stored", "next_seq", "length", "status", "turns", "verdicts", "owner", "updated"
     ], "a new Session field: carry it in finish_conversation, then list it here"  # fmt: skip
+
+
+WORDS = st.sampled_from(["Tell", " me", " a", " joke", "!", " Why", " did", "n't", " 42", "\n", " ", "é"])
+TURN = st.tuples(
+    st.lists(WORDS, min_size=1, max_size=6),  # the turn's text
+    st.lists(st.integers(0, 30), max_size=3),  # where it is split into events
+    st.booleans(),  # whether its last event says end_of_turn (else the next turn's first event closes it)
+)
+
+
+def text_events(turns: list[tuple[list[str], list[int], bool]]) -> list[TokenEvent]:
+    """Alternating user and assistant turns as text events, then an empty end_of_conversation."""
+    events: list[TokenEvent] = []
+    for index, (words, cuts, closed) in enumerate(turns):
+        role, text = ("user" if index % 2 == 0 else "assistant"), "".join(words)
+        bounds = [0, *sorted({min(cut, len(text)) for cut in cuts}), len(text)]
+        pieces = [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+        for k, piece in enumerate(pieces):
+            end = closed and k == len(pieces) - 1
+            events.append(
+                TokenEvent(conversation_id="c", seq=len(events), role=role, text=piece, end_of_turn=end)
+            )
+    events.append(
+        TokenEvent(conversation_id="c", seq=len(events), role="user", text="", end_of_conversation=True)
+    )
+    return events
+
+
+def levels(start: int, count: int, every: int, flagged: int) -> list[int]:
+    """Labels that tell the heads apart: `flagged` at the positions divisible by `every`."""
+    return [flagged if (start + k) % every == 0 else SAFE for k in range(count)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.lists(TURN, min_size=1, max_size=4), step_sizes=st.lists(st.integers(1, 4), min_size=1))
+def test_streamed_text_turns_are_fed_and_answered_as_the_whole_conversation(
+    qwen3_tokenizer, special_ids, turns, step_sizes
+):
+    """Text turns split at random points, closed by end_of_turn or (left off) by the next turn's first
+    event, in steps of random sizes: the model is fed exactly the whole conversation's chat template;
+    every content token is listed once, read from its own turn's heads (user: query, assistant:
+    response), in a verdict whose role is that of the content it lists last (its event's own, when the
+    event fed any)."""
+    writer = TurnWriter("chat", special_ids, IncrementalTokenizer(qwen3_tokenizer))
+    expected_ids: list[int] = []
+    role_at: dict[int, str] = {}  # content position -> its turn's role, from the template's layout
+    for index, (words, _, _) in enumerate(turns):
+        role = "user" if index % 2 == 0 else "assistant"
+        content = qwen3_tokenizer.encode("".join(words))
+        whole_turn = render_conversation([(role, content)], special_ids)
+        opener = len(whole_turn) - len(content) - 2  # before the content; <|im_end|>\n after it
+        role_at |= {len(expected_ids) + opener + k: role for k in range(len(content))}
+        expected_ids += whole_turn
+    events = text_events(turns)
+    session, fed, listed, sizes = Session("c"), [], {}, itertools.cycle(step_sizes)
+    while events:
+        size = next(sizes)
+        step = plan_conversation(session, [Incoming(event, None) for event in events[:size]], writer, 10_000)
+        events = events[size:]
+        start, count = session.length, len(step.token_ids)
+        result = chunk(
+            step.token_ids, levels(start, count, 3, UNSAFE), levels(start, count, 2, CONTROVERSIAL), start
+        )
+        outcome = finish_conversation(step, result, CONFIG, now=0.0)
+        fed += step.token_ids
+        session = outcome.session
+        for verdict in on_the_wire(outcome.verdicts):
+            if verdict.kind == "tokens":
+                # the role of the last content it lists: its event's own, unless all of that is held
+                # back (text that may still merge with the next) or it has none (flags only)
+                positions = [token.position for token in verdict.tokens]
+                assert positions == sorted(positions) and verdict.role == role_at[positions[-1]]
+                for token in verdict.tokens:
+                    assert token.position not in listed, "a token listed twice"
+                    listed[token.position] = token.risk_level
+    assert fed == expected_ids
+    assert listed.keys() == role_at.keys()
+    heads = {"user": (2, "Controversial"), "assistant": (3, "Unsafe")}  # levels() of each role's heads
+    for position, role in role_at.items():
+        every, flagged = heads[role]
+        assert listed[position] == (flagged if position % every == 0 else "Safe"), (position, role)
