@@ -2,11 +2,11 @@
 
 A step is polled, prepared, then finished in the background while the next step is prepared:
 
-    poll:    the records the consumer holds, decoded while the fetch their drain sets off is in
-             flight; then that fetch's records (`poll_records`)
-    prepare: records -> decode the rest (bad ones to the DLQ) -> per conversation: order by seq,
-             drop what was applied, template and tokenize -> engine (all conversations at once, one
-             batched forward) -> verdicts
+    poll:    the records the consumer holds, decoded and planned while the fetch their drain sets
+             off is in flight; then that fetch's records (`poll_records`)
+    prepare: records -> decode the rest (bad ones to the DLQ) -> per conversation (unless planned
+             during the poll): order by seq, drop what was applied, template and tokenize -> engine
+             (all conversations at once, one batched forward) -> verdicts
     finish:  publish verdicts and dead letters (acks from all replicas) -> one Redis transaction for
              every session of the step -> commit the offsets
 
@@ -122,11 +122,16 @@ class StepCounts:
 
 @dataclass
 class DecodedAhead:
-    """A step's first records, decoded during the poll while the fresh fetch was in flight."""
+    """A step's first records, decoded (and planned, where the session was in memory) during the poll
+    while the fresh fetch was in flight."""
 
     counts: dict[TopicPartition, int]  # the first `count` records of each partition's list
     incoming: dict[str, list[Incoming]]
     dead_letters: list[DeadLetter]
+    # Per conversation its plan and how many of its events it covers. A plan is a pure function of the
+    # session and the events: prepare keeps it while the session in memory is that same object and no
+    # event was added.
+    planned: dict[str, tuple[ConversationStep, int]]
 
 
 @dataclass
@@ -228,14 +233,19 @@ class Worker:
             await self.chain.wait()  # stopping: what was prepared is published, saved and committed
 
     async def poll(self) -> tuple[dict[TopicPartition, list[ConsumerRecord]], DecodedAhead | None]:
-        """A step's records, the first of them decoded while the fresh fetch is in flight (the loop
-        would only wait for it: ~6 ms a step at 10,000 events/s)."""
+        """A step's records, the first of them decoded and planned while the fresh fetch is in flight
+        (the loop would only wait for it: ~6 ms a step at 10,000 events/s)."""
         settings, ahead = self.settings, None
 
         def decode_ahead(first: dict[TopicPartition, list[ConsumerRecord]]) -> None:
             nonlocal ahead
             incoming, dead_letters = self.decode([record for records in first.values() for record in records])
-            ahead = DecodedAhead({p: len(records) for p, records in first.items()}, incoming, dead_letters)
+            planned = {}
+            for conversation_id, items in incoming.items():
+                if (session := self.sessions.get(conversation_id)) is not None:
+                    planned[conversation_id] = (self.plan(session, items), len(items))
+            counts = {partition: len(records) for partition, records in first.items()}
+            ahead = DecodedAhead(counts, incoming, dead_letters, planned)
 
         batch = await poll_records(
             self.consumer,
@@ -312,8 +322,9 @@ class Worker:
             ]
         )
         sessions = await self.sessions_for(list(incoming), stop)
+        planned = ahead.planned if ahead is not None else {}
         steps = [
-            plan_conversation(sessions[conversation_id], items, self.writer, self.max_positions)
+            self.plan(sessions[conversation_id], items, planned.get(conversation_id))
             for conversation_id, items in incoming.items()
         ]
         dead_letters += self.rejected(steps)
@@ -402,6 +413,14 @@ class Worker:
             sent_at = event.ts if event.ts is not None else record.timestamp / 1000.0
             items.append(Incoming(event, sent_at, record))
         return incoming, dead_letters
+
+    def plan(
+        self, session: Session, items: list[Incoming], ahead: tuple[ConversationStep, int] | None = None
+    ) -> ConversationStep:
+        """The conversation's share of the step; the one planned during the poll if it still holds."""
+        if ahead is not None and ahead[0].session is session and ahead[1] == len(items):
+            return ahead[0]
+        return plan_conversation(session, items, self.writer, self.max_positions)
 
     def rejected(self, steps: list[ConversationStep]) -> list[DeadLetter]:
         return [self.dead_letter(item.source, reason) for step in steps for item, reason in step.rejected]

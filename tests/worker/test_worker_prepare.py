@@ -1,7 +1,7 @@
 """A prepared step (its model run, waiting to publish, save and commit) keeps what its finish needs
 and none of its records: steps stay in flight for a few cycles, and per-event objects kept that long
 made the garbage collector's young collections walk tens of thousands of them (long pauses). And a
-step whose first records were decoded during the poll is the step decoded whole."""
+step whose first records were decoded (and planned) during the poll is the step prepared whole."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from aiokafka import TopicPartition
 
 from processor.engine import AsyncGuardEngine, GuardEngine
 from processor.model import load_guard_model
+from processor.worker import worker as worker_module
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.session_store import Session
 from processor.worker.settings import WorkerSettings
@@ -143,5 +144,35 @@ async def test_a_partition_gone_since_the_poll_takes_its_early_records_with_it(t
         assert prepared is not None and prepared.offsets == {OTHER: 22}
         assert [(c, seq) for c, seq, _, _ in answered(prepared)] == [("b", 0), ("b", 1)]
         assert prepared.dead_letters == []
+    finally:
+        await front.close()
+
+
+async def test_a_plan_made_during_the_poll_is_kept_only_while_its_session_and_events_hold(
+    tiny_model_dir, monkeypatch
+):
+    """Conversations whose events all came with the first getmany are planned during the poll, and not
+    again; one that got an event more from the fresh fetch, or whose session in memory changed since,
+    is planned afresh (a plan is a pure function of the session and the events)."""
+    first = {TOPIC: [token_event("a", 0, 10), token_event("b", 0, 11), token_event("c", 0, 12)]}
+    more = {TOPIC: [token_event("b", 1, 13)]}
+    worker, front = tiny_worker(tiny_model_dir, PollingConsumer(first, more, assigned={TOPIC}), "abc")
+    planned: list[str] = []
+    plan = worker_module.plan_conversation
+
+    def counted(session, items, *rest):
+        planned.append(session.conversation_id)
+        return plan(session, items, *rest)
+
+    monkeypatch.setattr(worker_module, "plan_conversation", counted)
+    try:
+        batch, ahead = await worker.poll()
+        assert ahead is not None and sorted(planned) == ["a", "b", "c"]
+        worker.sessions.put(Session("c", stored=True, next_seq=1, length=3))  # as a later step may leave it
+        planned.clear()
+        prepared = await worker.prepare(batch, asyncio.Event(), ahead)
+        assert sorted(planned) == ["b", "c"]
+        assert prepared is not None and prepared.counts.duplicates == 1  # c's seq 0, per its new session
+        assert [(c, seq) for c, seq, _, _ in answered(prepared)] == [("a", 0), ("b", 0), ("b", 1)]
     finally:
         await front.close()
