@@ -76,9 +76,11 @@ RETRY_BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 # the broker's default limit on a batch is 1 MiB.
 PRODUCER_BATCH_BYTES = 512 * 1024
 IDLE_SWEEP_SECONDS = 30.0
-# Loop turns from a drained getmany to aiokafka's fetch request written: its fetcher task wakes, then
-# starts a task per broker that writes the request (poll_records).
-FETCH_SEND_TURNS = 3
+# How long poll_records lets the loop run before working on the first records. A short sleep, not a
+# count of turns: every task the drain and the last step's finish made ready (aiokafka's fetcher, which
+# then starts a task that writes the fetch; the producer's sender, with that step's verdicts) runs on to
+# its next wait, however many turns that takes, and the loop idles at most this long.
+LET_THE_LOOP_RUN_SECONDS = 0.0005
 
 
 class OpenConversations:
@@ -649,10 +651,9 @@ async def poll_records(
     count = sum(len(records) for records in batch.values())
     if batch and fresh_fetch_ms and count < max_records:
         if while_fetching is not None:
-            # The drain woke the consumer's fetcher: a few turns of the loop and its request is on the
-            # wire; the first records' work then overlaps the broker's answer instead of following it.
-            for _ in range(FETCH_SEND_TURNS):
-                await asyncio.sleep(0)
+            # The drain woke the consumer's fetcher: once its request is on the wire, the first
+            # records' work overlaps the broker's answer instead of following it.
+            await asyncio.sleep(LET_THE_LOOP_RUN_SECONDS)
             while_fetching(batch)
         more = await consumer.getmany(timeout_ms=fresh_fetch_ms, max_records=max_records - count)
         for partition, records in more.items():  # later offsets than the first poll's: after them
