@@ -152,8 +152,8 @@ def build_verdicts(
     if content_spans:
         # One verdict lists all the content the event fed, each token read with its own turn's heads:
         # usually one span; two when the event closed a text turn whose held-back tail it fed. The
-        # verdict's turn and role are the last span's (the event's own content); its summary is that
-        # of the span that raised an alert, else the last span's.
+        # verdict's turn and role are the last span's (the event's own content, when it fed any); its
+        # summary is that of the span that raised an alert, else the last span's.
         tokens: list[dict] = []
         summary: Summary = NO_SUMMARY
         alert_position: int | None = None

@@ -241,11 +241,17 @@ class Worker:
 
         def decode_ahead(first: dict[TopicPartition, list[ConsumerRecord]]) -> None:
             nonlocal ahead
-            incoming, dead_letters = self.decode([record for records in first.values() for record in records])
-            planned = {}
-            for conversation_id, items in incoming.items():
-                if (session := self.sessions.get(conversation_id)) is not None:
-                    planned[conversation_id] = (self.plan(session, items), len(items))
+            try:
+                incoming, dead_letters = self.decode(
+                    [record for records in first.values() for record in records]
+                )
+                planned = {}
+                for conversation_id, items in incoming.items():
+                    if (session := self.sessions.get(conversation_id)) is not None:
+                        planned[conversation_id] = (self.plan(session, items), len(items))
+            except Exception:  # prepare does it all again, under the step's failure handling
+                log.exception("decoding a step's first records during the poll failed")
+                return
             counts = {partition: len(records) for partition, records in first.items()}
             ahead = DecodedAhead(counts, incoming, dead_letters, planned)
 

@@ -176,3 +176,27 @@ async def test_a_plan_made_during_the_poll_is_kept_only_while_its_session_and_ev
         assert [(c, seq) for c, seq, _, _ in answered(prepared)] == [("a", 0), ("b", 0), ("b", 1)]
     finally:
         await front.close()
+
+
+async def test_a_failure_while_working_ahead_leaves_the_step_to_prepare(tiny_model_dir, monkeypatch):
+    """An unexpected error while decoding or planning during the poll does not escape the loop: the
+    poll hands over no early work, and prepare does it all under the step's own failure handling."""
+    first, more = {TOPIC: [token_event("a", 0, 10)]}, {TOPIC: [token_event("a", 1, 11)]}
+    worker, front = tiny_worker(tiny_model_dir, PollingConsumer(first, more, assigned={TOPIC}), "a")
+    decode = worker.decode
+    calls = iter([RuntimeError("a bug"), None])
+
+    def fails_once(records, ahead=None):
+        if (error := next(calls, None)) is not None:
+            raise error
+        return decode(records, ahead)
+
+    monkeypatch.setattr(worker, "decode", fails_once)
+    try:
+        batch, ahead = await worker.poll()
+        assert ahead is None and [record.offset for record in batch[TOPIC]] == [10, 11]
+        prepared = await worker.prepare(batch, asyncio.Event(), ahead)
+        assert prepared is not None
+        assert [(c, seq) for c, seq, _, _ in answered(prepared)] == [("a", 0), ("a", 1)]
+    finally:
+        await front.close()
