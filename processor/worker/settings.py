@@ -125,8 +125,9 @@ class WorkerSettings(BaseSettings):
     steps_in_flight: int = Field(
         default=3,
         ge=1,
-        description="Steps publishing, saving and committing while the next one is prepared. Under load "
-        "a step's finish (broker acks, Redis, commit) outlasts its preparation: 3 measured better than 2.",
+        description="Steps publishing, saving and committing at most, counting the one just prepared (the "
+        "next is prepared while one fewer are). Under load a step's finish (broker acks, Redis, commit) "
+        "outlasts its preparation: 3 measured better than 2.",
     )
 
     # Limits on input (issue 6: hostile input must not exhaust anything).
