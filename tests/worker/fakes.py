@@ -1,6 +1,10 @@
-"""Hand-made engine results and label maps for the worker's pure-logic tests."""
+"""Hand-made engine results, label maps and a scripted consumer for the worker's pure-logic tests."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiokafka import TopicPartition
 
 from processor.engine.results import ChunkResult, HeadLabels
 from processor.model.labels import LabelMaps
@@ -45,3 +49,23 @@ def on_the_wire(verdicts: list[Verdict]) -> list[VerdictEvent]:
     """The verdicts as a reader gets them: the worker's JSON, validated against the contract (extra
     fields, missing fields or wrong types fail here)."""
     return [parse_verdict(verdict_json(verdict)) for verdict in verdicts]
+
+
+class ScriptedConsumer:
+    """What the worker asks of its consumer, scripted: getmany answers from `answers` in turn (then
+    nothing) and records what it was asked; `assigned` is the assignment prepare finds."""
+
+    def __init__(self, *answers: dict, assigned: Iterable[TopicPartition] = ()) -> None:
+        self.answers = list(answers)
+        self.assigned = set(assigned)
+        self.calls: list[tuple[int, int]] = []
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+        self.calls.append((timeout_ms, max_records))
+        return self.answers.pop(0) if self.answers else {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def highwater(self, partition: TopicPartition) -> None:
+        return None

@@ -7,19 +7,9 @@ from aiokafka import TopicPartition
 
 from processor.worker.worker import poll_records
 
+from .fakes import ScriptedConsumer
+
 P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
-
-
-class ScriptedConsumer:
-    """getmany answers from a script and records what it was asked."""
-
-    def __init__(self, *answers: dict) -> None:
-        self.answers = list(answers)
-        self.calls: list[tuple[int, int]] = []
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
-        self.calls.append((timeout_ms, max_records))
-        return self.answers.pop(0) if self.answers else {}
 
 
 async def test_the_fresh_fetch_joins_the_step_after_the_held_records():

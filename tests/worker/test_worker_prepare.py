@@ -20,6 +20,8 @@ from processor.worker.session_store import Session
 from processor.worker.settings import WorkerSettings
 from processor.worker.worker import StepCounts, Worker, engine_config
 
+from .fakes import ScriptedConsumer
+
 TOPIC = TopicPartition("guard.tokens", 0)
 OTHER = TopicPartition("guard.tokens", 1)
 
@@ -34,30 +36,6 @@ class Record:
     key: bytes
     value: bytes
     timestamp: int = 0
-
-
-class AssignedConsumer:
-    def assignment(self) -> set[TopicPartition]:
-        return {TOPIC}
-
-    def highwater(self, partition: TopicPartition) -> None:
-        return None
-
-
-class PollingConsumer:
-    """Answers getmany from a script; `assigned` is what the assignment is by the time of prepare."""
-
-    def __init__(self, *answers: dict, assigned: set[TopicPartition]) -> None:
-        self.answers, self.assigned = list(answers), assigned
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
-        return self.answers.pop(0) if self.answers else {}
-
-    def assignment(self) -> set[TopicPartition]:
-        return self.assigned
-
-    def highwater(self, partition: TopicPartition) -> None:
-        return None
 
 
 def token_event(conversation_id: str, seq: int, offset: int, partition: TopicPartition = TOPIC) -> Record:
@@ -86,7 +64,7 @@ def answered(prepared) -> list[tuple]:
 
 
 async def test_a_prepared_step_keeps_its_offsets_and_counts_not_its_records(tiny_model_dir):
-    worker, front = tiny_worker(tiny_model_dir, AssignedConsumer(), "ab")
+    worker, front = tiny_worker(tiny_model_dir, ScriptedConsumer(assigned={TOPIC}), "ab")
     # a: seq 0, 1, 2; b: seq 0, 1, and seq 0 again (a redelivery: counted as a duplicate, not applied)
     records = [
         token_event(conversation_id, seq, offset)
@@ -115,8 +93,8 @@ async def test_records_decoded_during_the_poll_make_the_step_decoded_whole(tiny_
     with the fetch's records is the one decoding them all in prepare makes (a redelivery included)."""
     order = [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 0)]
     records = [token_event(c, seq, offset) for offset, (c, seq) in enumerate(order, start=40)]
-    whole_worker, whole_front = tiny_worker(tiny_model_dir, AssignedConsumer(), "ab")
-    polled = PollingConsumer({TOPIC: records[:3]}, {TOPIC: records[3:]}, assigned={TOPIC})
+    whole_worker, whole_front = tiny_worker(tiny_model_dir, ScriptedConsumer(assigned={TOPIC}), "ab")
+    polled = ScriptedConsumer({TOPIC: records[:3]}, {TOPIC: records[3:]}, assigned={TOPIC})
     ahead_worker, ahead_front = tiny_worker(tiny_model_dir, polled, "ab")
     try:
         whole = await whole_worker.prepare({TOPIC: list(records)}, asyncio.Event())
@@ -136,7 +114,7 @@ async def test_a_partition_gone_since_the_poll_takes_its_early_records_with_it(t
     new owner does that); the step is the kept partition's records, decoded afresh."""
     first = {TOPIC: [token_event("a", 0, 10)], OTHER: [token_event("b", 0, 20, OTHER)]}
     more = {OTHER: [token_event("b", 1, 21, OTHER)]}
-    worker, front = tiny_worker(tiny_model_dir, PollingConsumer(first, more, assigned={OTHER}), "ab")
+    worker, front = tiny_worker(tiny_model_dir, ScriptedConsumer(first, more, assigned={OTHER}), "ab")
     try:
         batch, ahead = await worker.poll()
         assert ahead is not None and ahead.counts == {TOPIC: 1, OTHER: 1}
@@ -156,7 +134,7 @@ async def test_a_plan_made_during_the_poll_is_kept_only_while_its_session_and_ev
     is planned afresh (a plan is a pure function of the session and the events)."""
     first = {TOPIC: [token_event("a", 0, 10), token_event("b", 0, 11), token_event("c", 0, 12)]}
     more = {TOPIC: [token_event("b", 1, 13)]}
-    worker, front = tiny_worker(tiny_model_dir, PollingConsumer(first, more, assigned={TOPIC}), "abc")
+    worker, front = tiny_worker(tiny_model_dir, ScriptedConsumer(first, more, assigned={TOPIC}), "abc")
     planned: list[str] = []
     plan = worker_module.plan_conversation
 
@@ -182,7 +160,7 @@ async def test_a_failure_while_working_ahead_leaves_the_step_to_prepare(tiny_mod
     """An unexpected error while decoding or planning during the poll does not escape the loop: the
     poll hands over no early work, and prepare does it all under the step's own failure handling."""
     first, more = {TOPIC: [token_event("a", 0, 10)]}, {TOPIC: [token_event("a", 1, 11)]}
-    worker, front = tiny_worker(tiny_model_dir, PollingConsumer(first, more, assigned={TOPIC}), "a")
+    worker, front = tiny_worker(tiny_model_dir, ScriptedConsumer(first, more, assigned={TOPIC}), "a")
     decode = worker.decode
     calls = iter([RuntimeError("a bug"), None])
 
