@@ -3,7 +3,8 @@
 Keys (prefix configurable):
     {prefix}session:{conversation_id}   hash: turn, role, next_seq, length, status, worst_level,
                                         worst_category, worst_prob, alert_position, owner, updated,
-                                        text_tail, verdict_state (debounce internals, JSON)
+                                        text_tail, opener_in_tail, verdict_state (debounce
+                                        internals, JSON)
     {prefix}history:{conversation_id}   string: every token id fed to the model, uint32 little-endian,
                                         appended per step (4 bytes a token; GETRANGE reads a prefix)
 
@@ -181,6 +182,7 @@ def _hash_fields(session: Session, owner: str, updated: str) -> list[str]:
         "turn", str(session.turns.turn),
         "role", session.turns.open_role or "",
         "text_tail", session.turns.text_tail,
+        "opener_in_tail", "1" if session.turns.opener_in_tail else "",
         "next_seq", str(session.next_seq),
         "length", str(session.length),
         "status", session.status,
@@ -230,6 +232,8 @@ def session_from_hash(conversation_id: str, fields: dict[bytes, bytes]) -> Sessi
             turn=int(text["turn"]),
             open_role=text["role"] or None,
             text_tail=text["text_tail"],  # type: ignore[arg-type]
+            # Absent in sessions of workers before it, which fed the whole opener at once.
+            opener_in_tail=text.get("opener_in_tail") == "1",
         ),
         verdicts=VerdictState(
             turn=debounce["turn"],

@@ -11,6 +11,12 @@ template renders an assistant turn that is the newest message; a whole-conversat
 block from assistant turns before the last user turn, but a stream cannot know a later user turn will
 come. `render_conversation` gives the ids this stream produces for a finished conversation.
 
+A turn opened by text is tokenized as the template's string is: the opener's last newline(s)
+("user\\n", "</think>\\n\\n") start the turn's text, so that content starting with a newline merges
+with them as in `apply_chat_template` ("\\n" + "\\nhi" gives the one id of "\\n\\n", not two "\\n"), and
+an assistant turn's leading newlines are dropped (the template's `content.lstrip('\\n')`). Token ids are
+the producer's own: they follow the whole opener, as sent.
+
 In `raw` mode ids are fed as sent and the template is the producer's job; turns are still tracked (a
 role change or an end flag closes one) so that verdicts know their turn and heads.
 """
@@ -29,6 +35,9 @@ if TYPE_CHECKING:
 
 TemplateMode = Literal["chat", "raw"]
 
+# The text at the end of each role's opener, which a turn's text content is tokenized after.
+OPENER_TAIL_TEXT: dict[Role, str] = {"user": "\n", "assistant": "\n\n"}
+
 
 @dataclass(frozen=True, slots=True)
 class TurnState:
@@ -37,6 +46,8 @@ class TurnState:
     turn: int = -1  # index of the open or last turn; -1 before the first
     open_role: Role | None = None  # role of the open turn, None when no turn is open
     text_tail: str = ""  # text of the open turn not yet committed to ids (see text.py)
+    # The tail starts with the opener's last newline(s), not fed yet (a turn opened by text).
+    opener_in_tail: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +133,21 @@ class TurnWriter:
             if state.open_role != event.role:
                 if state.open_role is not None:
                     state = self._close(state, fed, explicit=False)
-                state = self._open(state, event.role, fed)
+                state = self._open(state, event.role, fed, by_text=event.text is not None)
             state = self._add_content(state, event, fed)
         if event.closes_turn and state.open_role is not None:
             state = self._close(state, fed, explicit=True)
         return state, fed
 
-    def _open(self, state: TurnState, role: Role, fed: FedTokens) -> TurnState:
+    def _open(self, state: TurnState, role: Role, fed: FedTokens, by_text: bool) -> TurnState:
         state = TurnState(turn=state.turn + 1, open_role=role, text_tail="")
         if self.mode == "chat":
-            fed.add(self._opener(role), role, state.turn, content=False)
+            opener = self._opener(role)
+            if by_text and self._text is not None:
+                # Its last id ("\n" or "\n\n") is text that the turn's content may merge with.
+                state = replace(state, text_tail=OPENER_TAIL_TEXT[role], opener_in_tail=True)
+                opener = opener[:-1]
+            fed.add(opener, role, state.turn, content=False)
         return state
 
     def _add_content(self, state: TurnState, event: TokenEvent, fed: FedTokens) -> TurnState:
@@ -139,19 +155,36 @@ class TurnWriter:
         if event.text is not None:
             if self._text is None:
                 raise ValueError("text event but the model has no tokenizer")
-            ids, tail = self._text.feed(state.text_tail, event.text)
-            fed.add(ids, role, state.turn, content=True)
-            return replace(state, text_tail=tail)
+            text = event.text
+            if state.opener_in_tail and role == "assistant" and state.text_tail == OPENER_TAIL_TEXT[role]:
+                text = text.lstrip("\n")  # no content yet: the template's content.lstrip('\n')
+            ids, tail = self._text.feed(state.text_tail, text)
+            return self._add_text_ids(replace(state, text_tail=tail), ids, fed)
         if state.text_tail:  # text before these ids: its held-back tail goes first
-            fed.add(self._flush_tail(state), role, state.turn, content=True)
-            state = replace(state, text_tail="")
+            state = self._add_text_ids(replace(state, text_tail=""), self._flush_tail(state), fed)
         fed.add(event.token_ids or [], role, state.turn, content=True)
+        return state
+
+    def _add_text_ids(self, state: TurnState, ids: list[int], fed: FedTokens) -> TurnState:
+        """Feed a text turn's committed ids: content, but for the opener's newline(s) when they come
+        first unmerged (then they are the template's own id)."""
+        role = state.open_role
+        assert role is not None
+        if state.opener_in_tail and ids:
+            special = self._special
+            assert special is not None
+            own = special.newline if role == "user" else special.double_newline
+            if ids[0] == own:  # that id's text is exactly the opener's tail: nothing of the content
+                fed.add(ids[:1], role, state.turn, content=False)
+                ids = ids[1:]
+            state = replace(state, opener_in_tail=False)
+        fed.add(ids, role, state.turn, content=True)
         return state
 
     def _close(self, state: TurnState, fed: FedTokens, explicit: bool) -> TurnState:
         role = state.open_role
         assert role is not None
-        fed.add(self._flush_tail(state), role, state.turn, content=True)
+        state = self._add_text_ids(state, self._flush_tail(state), fed)
         if self.mode == "chat":
             special = self._special
             assert special is not None

@@ -11,7 +11,7 @@ from processor.model.labels import Policy
 from processor.worker.conversation import Incoming, finish_conversation, plan_conversation
 from processor.worker.events import TokenEvent
 from processor.worker.session_store import Session
-from processor.worker.template import TurnWriter, render_conversation
+from processor.worker.template import TurnWriter
 from processor.worker.text import IncrementalTokenizer
 from processor.worker.verdicts import VerdictConfig
 
@@ -111,6 +111,31 @@ def text_events(turns: list[tuple[list[str], list[int], bool]]) -> list[TokenEve
     return events
 
 
+def templated_turn(tokenizer, role: str, content: str) -> tuple[list[int], list[int]]:
+    """One turn as apply_chat_template(enable_thinking=False) tokenizes it in a conversation (an
+    assistant turn as the newest message after a user turn), and the indexes of its ids whose text
+    overlaps the content's (a newline the content merged into the opener's counts as content)."""
+    user = [{"role": "user", "content": "q"}]
+    before = (
+        tokenizer.apply_chat_template(user, tokenize=False, enable_thinking=False)
+        if role == "assistant"
+        else ""
+    )
+    messages = (
+        [*user, {"role": role, "content": content}]
+        if role == "assistant"
+        else [{"role": role, "content": content}]
+    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False)[len(before) :]
+    shown = content.lstrip("\n") if role == "assistant" else content  # the template's lstrip
+    end = len(text) - len("<|im_end|>\n")
+    start = end - len(shown)
+    assert text[start:end] == shown
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    content_at = [k for k, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
+    return list(encoded["input_ids"]), content_at
+
+
 def levels(start: int, count: int, every: int, flagged: int) -> list[int]:
     """Labels that tell the heads apart: `flagged` at the positions divisible by `every`."""
     return [flagged if (start + k) % every == 0 else SAFE for k in range(count)]
@@ -131,11 +156,9 @@ def test_streamed_text_turns_are_fed_and_answered_as_the_whole_conversation(
     role_at: dict[int, str] = {}  # content position -> its turn's role, from the template's layout
     for index, (words, _, _) in enumerate(turns):
         role = "user" if index % 2 == 0 else "assistant"
-        content = qwen3_tokenizer.encode("".join(words))
-        whole_turn = render_conversation([(role, content)], special_ids)
-        opener = len(whole_turn) - len(content) - 2  # before the content; <|im_end|>\n after it
-        role_at |= {len(expected_ids) + opener + k: role for k in range(len(content))}
-        expected_ids += whole_turn
+        ids, content_at = templated_turn(qwen3_tokenizer, role, "".join(words))
+        role_at |= {len(expected_ids) + k: role for k in content_at}
+        expected_ids += ids
     events = text_events(turns)
     session, fed, listed, sizes = Session("c"), [], {}, itertools.cycle(step_sizes)
     while events:

@@ -111,3 +111,32 @@ def test_raw_mode_feeds_ids_as_sent(special_ids):
     assert fed[0].closed_turns[0].prompt_index == 2  # the user turn's last token
     assert fed[1].token_ids == [4, 5] and fed[1].turns == [1, 1]
     assert state.open_role == "assistant"
+
+
+@pytest.mark.parametrize(
+    ("user", "assistant"),
+    [
+        ("\nhi", "\n\nok"),  # "\n" + "\n" is one id in the template's string
+        (" \n x", "\r\nok\n"),
+        ("\n", "\n"),  # only newlines: the assistant's are dropped (the template's lstrip)
+        ("hi\n\n", "  \nz"),
+    ],
+)
+@pytest.mark.parametrize("split", [False, True])
+def test_text_opening_with_newlines_is_tokenized_with_the_opener(
+    writer, qwen3_tokenizer, special_ids, user, assistant, split
+):
+    def pieces(text):
+        return list(text) if split else [text]
+
+    events = [event(k, "user", text=piece) for k, piece in enumerate(pieces(user))]
+    events += [event(50 + k, "assistant", text=piece) for k, piece in enumerate(pieces(assistant))]
+    events.append(event(99, "assistant", text="", end_of_turn=True))
+    _, fed = stream(writer, events)
+    ids = [token for chunk in fed for token in chunk.token_ids]
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    assert ids == chat_ids(qwen3_tokenizer, messages)
+    # The opener's newline is content only where content merged into it.
+    flags = [flag for chunk in fed for flag in chunk.content]
+    merged_user = ids[2] != special_ids.newline
+    assert flags[2] == merged_user
