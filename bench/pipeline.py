@@ -28,7 +28,7 @@ The rates also report this process's own CPU per event (the generator and the ve
 the whole machine's (every process: worker, harness, broker, Redis) with the cores it kept busy: what
 the worker shares its cores with, and whether the machine, not the worker alone, ran out of CPU.
 
-    python bench/pipeline.py --model DIR --device cpu --rates 1000,5000,10000,20000 --seconds 15 \\
+    python bench/pipeline.py --model DIR --device cpu --rates 1000,5000,10000,20000,25000 --seconds 15 \\
         --conversations 200 --raw-events 100000 --drain-events 40000
 
 Without --kafka-bootstrap / --redis-url it starts local services (processor.local) and stops them after.
@@ -78,7 +78,7 @@ from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
 from processor.worker.settings import KvCacheDtype, redact_url  # noqa: E402
 
-DEFAULT_RATES = "1000,5000,10000,20000"
+DEFAULT_RATES = "1000,5000,10000,20000,25000"
 USER_TURN = [9707, 11, 1246]  # the short user turn that opens every conversation
 BLOCK_SIZE = 16  # the engine's KV block size (EngineConfig.block_size), for sizing the CPU cache
 MIN_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
