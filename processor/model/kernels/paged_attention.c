@@ -220,7 +220,7 @@ ALWAYS_INLINE void block_values_tile(const int tile, const float *restrict p, in
 int64_t paged_attention_scratch_floats(int64_t heads, int64_t kv_heads, int64_t D, int64_t bs,
                                        int64_t max_length, int64_t max_context) {
     const int64_t rows = heads / kv_heads * max_length, width = (max_context + bs - 1) / bs * bs;
-    return rows * width + 2 * rows * D;
+    return rows * width + 2 * rows * D + rows;
 }
 
 /* query/out [tokens][heads][D], the step's new tokens packed (their keys and values already written);
@@ -241,6 +241,7 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
         float *restrict scores = scratch;           /* [rows][width] */
         float *restrict queries = scores + rows * width; /* [rows][D], scaled */
         float *restrict acc = queries + rows * D;   /* [rows][D] */
+        float *restrict inverse = acc + rows * D;   /* [rows]: 1 / each row's sum of weights */
         for (int64_t h = 0; h < kv_heads; h++) {
             const void *keys = kv_at(kv, h * slots * D, half), *values = kv_at(kv, (kv_heads + h) * slots * D, half);
             for (int64_t g = 0; g < group; g++)
@@ -265,7 +266,8 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
                     block_scores_tile(2, queries + r * D, key_block, D, bs, scores + r * width + j0, width, half);
                 for (; r < rows; r++) block_scores(queries + r * D, key_block, D, bs, scores + r * width + j0, half);
             }
-            /* Softmax over the keys each row sees; the rest weigh nothing. */
+            /* Softmax over the keys each row sees, the rest weighing nothing; left unnormalized (each row's
+             * output is scaled by 1 / its sum at the end: D multiplies instead of a pass over its keys). */
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t seen = start + r / group + 1;
                 float *s = scores + r * width;
@@ -278,9 +280,7 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
                     s[j] = e;
                     sum += e;
                 }
-                const float inverse = 1.0f / sum;
-#pragma omp simd
-                for (int64_t j = 0; j < seen; j++) s[j] *= inverse;
+                inverse[r] = 1.0f / sum;
                 for (int64_t j = seen; j < context; j++) s[j] = 0.0f; /* the chunk's later keys: a tile reads them */
                 memset(acc + r * D, 0, D * sizeof(float));
             }
@@ -303,9 +303,11 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
                 }
             }
             for (int64_t g = 0; g < group; g++)
-                for (int64_t i = 0; i < length; i++)
-                    memcpy(out + ((first_row + i) * heads + h * group + g) * D, acc + (i * group + g) * D,
-                           D * sizeof(float));
+                for (int64_t i = 0; i < length; i++) {
+                    const int64_t r = i * group + g;
+                    float *restrict o = out + ((first_row + i) * heads + h * group + g) * D;
+                    for (int64_t d = 0; d < D; d++) o[d] = acc[r * D + d] * inverse[r];
+                }
         }
     }
 }
