@@ -122,6 +122,7 @@ async def serve(args: argparse.Namespace) -> None:
     await worker.prepare(records.batch(1, tokens_each=args.context), stop)
     for _ in range(WARMUP_STEPS):
         await worker.prepare(records.batch(args.events), stop)
+    getattr(worker, "release_spent", lambda: None)()
     batches = [records.batch(args.events) for _ in range(args.steps)]
     with long_lived_heap_frozen():  # as the worker runs
         answer({"ready": True, "processor": str(Path(processor.__file__).parent)})
@@ -130,6 +131,9 @@ async def serve(args: argparse.Namespace) -> None:
                 break
             started = time.process_time()
             await worker.prepare(batch, stop)
+            # What the worker frees during the next poll's wait (older trees free it on return): a
+            # step's work either way.
+            getattr(worker, "release_spent", lambda: None)()
             answer({"seconds": time.process_time() - started})
     await front.close()
 

@@ -201,6 +201,10 @@ class Worker:
         # in flight to publish, save and commit before the partitions go.
         self.step_lock = asyncio.Lock()
         self.ready = False
+        # The last step's records, events and plans, released while the next poll's fetch is in
+        # flight: freeing a step's thousands of objects where the loop dropped them took ~10% of its
+        # Python time, on the step's critical path (py-spy at 20,000 events/s).
+        self._spent: list[object] = []
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -231,6 +235,8 @@ class Worker:
                         continue
                     if prepared is not None:
                         self.chain.start(functools.partial(self.finish, prepared, stop=stop))
+                    self._spent.append((batch, ahead))
+                    batch, ahead, prepared = {}, None, None
         finally:
             await self.chain.wait()  # stopping: what was prepared is published, saved and committed
 
@@ -241,6 +247,7 @@ class Worker:
 
         def decode_ahead(first: dict[TopicPartition, list[ConsumerRecord]]) -> None:
             nonlocal ahead
+            self.release_spent()  # the loop would only wait for the fetch
             try:
                 incoming, dead_letters = self.decode(
                     [record for records in first.values() for record in records]
@@ -262,7 +269,12 @@ class Worker:
             settings.fresh_fetch_ms,
             while_fetching=decode_ahead,
         )
+        self.release_spent()  # when there was no fetch to wait for
         return batch, ahead
+
+    def release_spent(self) -> None:
+        """Free the last step's records, events and plans (the poll does, while its fetch is in flight)."""
+        self._spent.clear()
 
     async def _settle(self, keep: int) -> bool:
         """Let at most `keep` finishes stay in flight; on a failure, recover and say False."""
@@ -341,6 +353,7 @@ class Worker:
         stage = self.metrics.stage_seconds
         stage.labels("engine").observe(time.perf_counter() - engine_started)
         self.track(incoming, outcomes, batch)
+        self._spent.append((incoming, steps))  # freed in the next poll's wait, not on return
         stage.labels("prepare").observe(time.perf_counter() - started)
         return PreparedStep(
             outcomes=outcomes,

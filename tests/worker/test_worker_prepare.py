@@ -75,6 +75,7 @@ async def test_a_prepared_step_keeps_its_offsets_and_counts_not_its_records(tiny
     alive = [weakref.ref(record) for record in records]
     try:
         prepared = await worker.prepare({TOPIC: records}, asyncio.Event())
+        worker.release_spent()  # what the next poll does while its fetch is in flight
         del records
         assert [record() for record in alive] == [None] * len(alive)
         assert prepared is not None
@@ -84,6 +85,35 @@ async def test_a_prepared_step_keeps_its_offsets_and_counts_not_its_records(tiny
         assert sorted((v["conversation_id"], v["seq"]) for v in verdicts) == [
             ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)
         ]  # fmt: skip
+    finally:
+        await front.close()
+
+
+class WatchedConsumer(ScriptedConsumer):
+    """Says, at each getmany, which of `watched` are still alive."""
+
+    def __init__(self, *answers: dict, assigned, watched: list[weakref.ref]) -> None:
+        super().__init__(*answers, assigned=assigned)
+        self.watched, self.alive_at_call = watched, []
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+        self.alive_at_call.append(sum(ref() is not None for ref in self.watched))
+        return await super().getmany(timeout_ms, max_records)
+
+
+async def test_the_next_poll_frees_a_step_while_its_fetch_is_in_flight(tiny_model_dir):
+    """A step's records, events and plans outlive prepare (freeing them is work for the loop's idle
+    time), and are gone by the time the next poll waits for its fresh fetch: not held any longer."""
+    records = [token_event("a", seq, 40 + seq) for seq in range(3)]
+    watched = [weakref.ref(record) for record in records]
+    consumer = WatchedConsumer({TOPIC: [token_event("a", 3, 43)]}, assigned={TOPIC}, watched=watched)
+    worker, front = tiny_worker(tiny_model_dir, consumer, "a")
+    try:
+        prepared = await worker.prepare({TOPIC: records}, asyncio.Event())
+        del records
+        assert prepared is not None and sum(ref() is not None for ref in watched) == 3
+        await worker.poll()
+        assert consumer.alive_at_call == [3, 0]  # the first getmany, then the fresh fetch's
     finally:
         await front.close()
 
