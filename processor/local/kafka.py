@@ -234,6 +234,10 @@ def _write_config(home: Path, port: int, controller_port: int) -> Path:
         "share.coordinator.state.topic.min.isr": "1",
         # Tests and demos join groups one consumer at a time; don't wait 3 s for more members.
         "group.initial.rebalance.delay.ms": "0",
+        # A development broker must not fill the disk: each partition keeps its newest 256 MiB (the
+        # default keeps everything for 7 days; benchmark runs here wrote gigabytes an hour).
+        "log.retention.bytes": str(256 * 1024 * 1024),
+        "log.segment.bytes": str(64 * 1024 * 1024),
     }
     config = home / "server.properties"
     config.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
