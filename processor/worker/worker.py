@@ -2,8 +2,9 @@
 
 A step is polled, prepared, then finished in the background while the next step is prepared:
 
-    poll:    the records the consumer holds, decoded and planned while the fetch their drain sets
-             off is in flight; then that fetch's records (`poll_records`)
+    poll:    the records the consumer holds, decoded and planned (and the last step's objects
+             freed) while the fetch their drain sets off is in flight; then that fetch's records
+             (`poll_records`)
     prepare: records -> decode the rest (bad ones to the DLQ) -> per conversation (unless planned
              during the poll): order by seq, drop what was applied, template and tokenize -> engine
              (all conversations at once, one batched forward) -> verdicts
