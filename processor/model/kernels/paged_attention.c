@@ -45,6 +45,59 @@
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+#ifdef __AVX512F__
+/* exp of 16 floats in [WEIGHT_FLOOR, 0], inlined: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a
+ * degree-6 polynomial in r, then 2^n by vscalefps), within 2 ulp. glibc's vector expf is a call per
+ * 16 floats that handles every input range; here the softmax's exponentials were 16-20% of the
+ * kernel at 6 new tokens a conversation (bench/README.md, "Tenth session"). Intrinsics throughout:
+ * -ffast-math may reassociate plain vector arithmetic, and the split of n ln2 in two must stay. */
+static inline __m512 exp_lanes_nonpositive(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* s[j] = exp(max(s[j] - top, WEIGHT_FLOOR)) for j < count; returns their sum. */
+static inline float exp_row(float *restrict s, int64_t count, float top) {
+    const __m512 shift = _mm512_set1_ps(top), floor = _mm512_set1_ps(WEIGHT_FLOOR);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= count; j += 16) {
+        const __m512 e = exp_lanes_nonpositive(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift), floor));
+        _mm512_storeu_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (j < count) {
+        const __mmask16 tail = (__mmask16)((1u << (count - j)) - 1u);
+        const __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), shift), floor);
+        const __m512 e = exp_lanes_nonpositive(x);
+        _mm512_mask_storeu_ps(s + j, tail, e);
+        sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+#else
+static inline float exp_row(float *restrict s, int64_t count, float top) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < count; j++) {
+        const float e = expf(fmaxf(s[j] - top, WEIGHT_FLOOR));
+        s[j] = e;
+        sum += e;
+    }
+    return sum;
+}
+#endif
+
 /* GCC/Clang vector extension: LANES floats kept in one register; the unaligned twin loads and stores
  * at any float address. */
 typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
@@ -271,16 +324,10 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t seen = start + r / group + 1;
                 float *s = scores + r * width;
-                float top = -FLT_MAX, sum = 0.0f;
+                float top = -FLT_MAX;
 #pragma omp simd reduction(max : top)
                 for (int64_t j = 0; j < seen; j++) top = s[j] > top ? s[j] : top;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < seen; j++) {
-                    const float e = expf(fmaxf(s[j] - top, WEIGHT_FLOOR));
-                    s[j] = e;
-                    sum += e;
-                }
-                inverse[r] = 1.0f / sum;
+                inverse[r] = 1.0f / exp_row(s, seen, top);
                 for (int64_t j = seen; j < context; j++) s[j] = 0.0f; /* the chunk's later keys: a tile reads them */
                 memset(acc + r * D, 0, D * sizeof(float));
             }
