@@ -171,10 +171,7 @@ class TurnWriter:
         role = state.open_role
         assert role is not None
         if state.opener_in_tail and ids:
-            special = self._special
-            assert special is not None
-            own = special.newline if role == "user" else special.double_newline
-            if ids[0] == own:  # that id's text is exactly the opener's tail: nothing of the content
+            if ids[0] == self._opener(role)[-1]:  # exactly the opener's tail text: nothing of the content
                 fed.add(ids[:1], role, state.turn, content=False)
                 ids = ids[1:]
             state = replace(state, opener_in_tail=False)
