@@ -44,7 +44,7 @@ class StepServer:
         command += ["--conversations", str(args.conversations), "--context", str(args.context)]
         command += ["--events", str(events), "--kv-cache-dtype", kv_cache_dtype, "--seed", str(seed)]
         command += ["--attention-backend", args.attention_backend, "--template", args.template]
-        command += ["--steps", str(args.steps)]
+        command += ["--steps", str(args.steps), "--compiled" if args.compiled else "--no-compiled"]
         if args.dtype:
             command += ["--dtype", args.dtype]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -191,6 +191,12 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--template", default="chat", choices=["chat", "raw"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps per shape")
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the mypyc builds of processor/compiled.py's modules, as the worker runs (trees that have it)",
+    )
     parser.add_argument(
         "--rounds", type=int, default=2, help="every shape once a round, each with fresh workers"
     )

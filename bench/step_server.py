@@ -87,6 +87,13 @@ async def serve(args: argparse.Namespace) -> None:
     from aiokafka import TopicPartition
 
     import processor
+
+    # As `guardstream worker` does by default, in trees that have it (the eleventh session's on). Checked
+    # by file: an editable install's finder would import this checkout's module into an older tree.
+    if args.compiled and (args.root / "processor" / "compiled.py").is_file():
+        from processor import compiled
+
+        compiled.activate()
     from processor.engine import AsyncGuardEngine, GuardEngine
     from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
     from processor.model import load_guard_model
@@ -157,6 +164,9 @@ def main() -> int:
     parser.add_argument("--template", default="chat", choices=["chat", "raw"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compiled", action=argparse.BooleanOptionalAction, default=True, help="mypyc builds, as the worker"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(args.root.resolve()))  # before anything imports `processor`
     asyncio.run(serve(args))

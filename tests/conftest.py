@@ -15,12 +15,19 @@ Folder-specific fixtures belong in that folder's own conftest.py, not here.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from processor import compiled
 from processor.local.testing import kafka_endpoint, redis_endpoint, unique_name
+
+# GUARDSTREAM_COMPILED=1: the tests run the mypyc builds of compiled.HOT_MODULES (`make test`'s second
+# pass). Activated here, before any test module imports them.
+if os.environ.get("GUARDSTREAM_COMPILED") == "1" and not compiled.activate():
+    raise RuntimeError("GUARDSTREAM_COMPILED=1, but the modules could not be compiled (see the log above)")
 
 
 @pytest.fixture(scope="session")

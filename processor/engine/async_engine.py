@@ -197,7 +197,7 @@ class AsyncGuardEngine:
             seen.add(conversation_id)
             known = submission.known_length
             if known is not None and self._placement(conversation_id, known) == "rebuild":
-                wanted[conversation_id] = submission.known_length
+                wanted[conversation_id] = known
         if not wanted:
             return {}
         if self.history is None:

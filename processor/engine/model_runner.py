@@ -74,7 +74,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], with_probabilities: bool = False) -> StepOutput:
-        token_ids, positions, slots = [], [], []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
         for chunk in chunks:
             table = chunk.conversation.block_table
             token_ids += chunk.token_ids
@@ -107,7 +109,11 @@ class ModelRunner:
         return long_tensor(values).to(self.device, non_blocking=True)
 
     def _packed_keys(self, chunks: list[ScheduledChunk]) -> PackedKeys:
-        query_owner, query_positions, key_slots, key_owner, key_positions = [], [], [], [], []
+        query_owner: list[int] = []
+        query_positions: list[int] = []
+        key_slots: list[int] = []
+        key_owner: list[int] = []
+        key_positions: list[int] = []
         for index, chunk in enumerate(chunks):
             end = chunk.start_position + chunk.length
             query_owner += [index] * chunk.length
@@ -126,7 +132,9 @@ class ModelRunner:
         )
 
     def _paged_chunks(self, chunks: list[ScheduledChunk]) -> PagedChunks:
-        rows, tables, row, max_context = [], [], 0, 0
+        rows: list[int] = []
+        tables: list[int] = []
+        row, max_context = 0, 0
         for chunk in chunks:
             context = chunk.start_position + chunk.length
             rows += (row, chunk.start_position, chunk.length, len(tables))
@@ -189,11 +197,12 @@ class ModelRunner:
         mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
         mask.masked_fill_(~allowed, float("-inf"))
         # Built on the host from the lengths: a device nonzero() would force a sync every step.
-        valid_flat, valid_tokens = [], []
+        flat_rows: list[int] = []
+        token_indexes: list[int] = []
         for index, (row, chunk) in enumerate(zip(first_rows, chunks, strict=True)):
-            valid_flat += range(index * queries, index * queries + chunk.length)
-            valid_tokens += range(row, row + chunk.length)
-        valid_flat, valid_tokens = self._to_device(valid_flat), self._to_device(valid_tokens)
+            flat_rows += range(index * queries, index * queries + chunk.length)
+            token_indexes += range(row, row + chunk.length)
+        valid_flat, valid_tokens = self._to_device(flat_rows), self._to_device(token_indexes)
         return AttentionGroup(token_rows, valid_flat, valid_tokens, block_tables, mask[None])
 
 

@@ -15,13 +15,14 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from processor import builds
 
 log = logging.getLogger(__name__)
 
@@ -239,35 +240,21 @@ def build(cache_dir: Path | None = None, target: str = "native", source: Path = 
     text = source.read_bytes()
     flags = " ".join(compile_flags + LINK_FLAGS).encode()
     key = hashlib.sha256(b"\0".join([text, flags, compiler.encode(), _cpu_features()])).hexdigest()[:16]
-    cache_dir = cache_dir or _cache_dir()
+    cache_dir = cache_dir or builds.cache_dir("kernels", "GUARDSTREAM_KERNEL_CACHE")
     library = cache_dir / f"paged_attention-{key}.so"
     if library.exists():
         return library
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         obj, built = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
-        _run([compiler, *compile_flags, "-c", str(source), "-o", str(obj)])
-        _run([compiler, str(obj), "-o", str(built), *LINK_FLAGS])
+        for command in (
+            [compiler, *compile_flags, "-c", str(source), "-o", str(obj)],
+            [compiler, str(obj), "-o", str(built), *LINK_FLAGS],
+        ):
+            builds.run_tool(command, KernelUnavailableError, timeout=120)
         os.replace(built, library)  # atomic: workers starting together never load half a file
     log.info("built the CPU paged-attention kernel: %s", library)
     return library
-
-
-def _run(command: list[str]) -> None:
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-    except subprocess.CalledProcessError as error:
-        raise KernelUnavailableError(f"{' '.join(command)} failed: {error.stderr.strip()[-2000:]}") from None
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise KernelUnavailableError(f"{' '.join(command)} failed: {error}") from None
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get("GUARDSTREAM_KERNEL_CACHE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "guardstream" / "kernels"
 
 
 def _cpu_features() -> bytes:

@@ -99,6 +99,10 @@ def worker_command(args: argparse.Namespace) -> int:
     if not settings.model:
         print("guardstream worker: --model (or GUARDSTREAM_MODEL) is required", file=sys.stderr)
         return 2
+    if settings.compiled:
+        from processor import compiled
+
+        compiled.activate()  # before the worker's modules are imported: they are what it compiles
     from processor.worker.worker import serve
 
     async def main() -> None:

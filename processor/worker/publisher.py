@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
@@ -44,11 +45,11 @@ class BatchPublisher:
         all_partitions = sorted(await producer.partitions_for(topic))
         available = sorted(producer.client.cluster.available_partitions_for_topic(topic)) or all_partitions
         partition_of, known = self._partitioner, self._known_partitions(topic, all_partitions)
-        builders: dict[int, object] = {}
+        builders: dict[int, Any] = {}  # aiokafka's BatchBuilder
         sent: list[asyncio.Future] = []
         for key, value in records:
             if key is None:  # aiokafka picks at random: nothing to remember
-                partition = partition_of(key, all_partitions, available)
+                partition = partition_of(None, all_partitions, available)
             else:
                 partition = known.get(key)
                 if partition is None:

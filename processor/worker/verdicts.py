@@ -123,6 +123,8 @@ def latency_ms(sent_at: float | None, now: float) -> float | None:
 # the per-event path: a frozen dataclass costs ~0.6 us to build and most events need none.
 Summary = tuple[str | None, float | None, str | None, float | None]
 NO_SUMMARY: Summary = (SAFE, None, None, None)
+# A summary read from the heads: always a level (what a Flag is made of).
+LabelSummary = tuple[str, float | None, str | None, float | None]
 
 
 def build_verdicts(
@@ -342,6 +344,7 @@ def _content_verdicts(
             if alert_open:
                 alert_position = position
     if alert_position is not None:
+        assert first_debounced is not None  # the alert is the first debounced token's
         state = state.with_alert(alert_position, Flag(*_policy_summary(labels, heads, first_debounced)))
     if (previous_flagged, turn_level) != (state.previous_flagged, state.turn_level):
         state = state.with_debounce(previous_flagged, turn_level)
@@ -349,6 +352,7 @@ def _content_verdicts(
     if not assistant:
         return state, tokens, last, alert_position
     # An undebounced flag is not a verdict yet: the summary stays Safe, without a probability to show.
+    summary: Summary
     if first_debounced is not None:
         summary = _policy_summary(labels, heads, first_debounced)
     else:
@@ -356,7 +360,7 @@ def _content_verdicts(
     return state, tokens, summary, alert_position
 
 
-def _policy_summary(labels: RoleLabels, heads: HeadLabels, index: int) -> Summary:
+def _policy_summary(labels: RoleLabels, heads: HeadLabels, index: int) -> LabelSummary:
     level = heads.risk_level[index]
     if not labels.flagged[level]:
         return (SAFE, heads.risk_prob[index], None, None)

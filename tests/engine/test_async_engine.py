@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -102,6 +104,16 @@ async def test_a_batch_answers_in_request_order_and_one_failure_stays_its_own(mo
     await alone.close()
 
 
+class StepWrapped:
+    """The engine with its `step` replaced: a compiled GuardEngine's methods cannot be assigned to."""
+
+    def __init__(self, engine: GuardEngine, step: Callable[[], list]) -> None:
+        self._engine, self.step = engine, step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 async def test_a_failed_step_answers_every_waiting_request_with_its_error(model):
     """An engine step that raises must not leave a caller waiting: every request of the batch gets
     the error, the engine drops its conversations, and the next call is served."""
@@ -115,8 +127,7 @@ async def test_a_failed_step_answers_every_waiting_request_with_its_error(model)
             raise error
         return step()
 
-    engine.step = failing_once
-    front = AsyncGuardEngine(engine)
+    front = AsyncGuardEngine(StepWrapped(engine, failing_once))
     answers = await asyncio.wait_for(front.moderate_many([("a", [100, 101], 0), ("b", [200], 0)]), timeout=30)
     assert [str(answer) for answer in answers] == ["injected step failure"] * 2
     assert front.stats().active_conversations == 0
@@ -138,8 +149,7 @@ async def test_short_steps_run_on_the_loop_thread_long_ones_on_the_engine_thread
         threads.append(threading.current_thread().name)
         return step()
 
-    engine.step = recording_step
-    front = AsyncGuardEngine(engine)
+    front = AsyncGuardEngine(StepWrapped(engine, recording_step))
     await front.moderate("c", [100, 101, 102], 0)  # no step measured yet: always the engine thread
     predicted = engine.predicted_step_seconds()
     assert predicted == 0  # nothing queued

@@ -1,0 +1,28 @@
+"""Native code built on first use (the CPU attention kernel, the compiled modules): where builds are
+cached, and running the tools that make them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def cache_dir(kind: str, override_variable: str) -> Path:
+    """`$override_variable` if set, else `<XDG cache or ~/.cache>/guardstream/<kind>`."""
+    configured = os.environ.get(override_variable)
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "guardstream" / kind
+
+
+def run_tool(command: list[str], error: type[Exception], timeout: float, cwd: Path | None = None) -> None:
+    """Run a build command; on failure raise `error` saying what failed, with the end of its output."""
+    try:
+        subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True, timeout=timeout)
+    except subprocess.CalledProcessError as failed:
+        output = (failed.stdout + failed.stderr).strip()[-3000:]
+        raise error(f"{' '.join(command)} failed: {output}") from None
+    except (OSError, subprocess.TimeoutExpired) as failed:
+        raise error(f"{' '.join(command)} failed: {failed}") from None
