@@ -78,7 +78,18 @@ def activate(cache_dir: Path | None = None) -> bool:
     except CompileUnavailableError as error:
         log.warning("running the interpreted modules: %s", error)
         return False
-    sys.meta_path.insert(0, CompiledFinder(folder))
+    finder, before = CompiledFinder(folder), set(sys.modules)
+    sys.meta_path.insert(0, finder)
+    try:  # now, not at the worker's first import of them: a build that does not load is backed out
+        for name in HOT_MODULES:
+            importlib.import_module(name)
+    except Exception as error:  # an extension that fails to load raises ImportError, or what it runs
+        sys.meta_path.remove(finder)
+        for name in set(sys.modules) - before:  # and whatever imported them holds no compiled object
+            if name.startswith("processor.") or name in finder.files:
+                del sys.modules[name]
+        log.warning("running the interpreted modules: the build in %s did not load (%s)", folder, error)
+        return False
     log.info("running %d modules compiled with mypyc (%s)", len(HOT_MODULES), folder)
     return True
 
@@ -101,6 +112,16 @@ def build(cache_dir: Path | None = None) -> Path:
     folder = cache_dir / build_key([source.read_bytes() for source in sources], mypy_version)
     if folder.is_dir():
         return folder
+    try:
+        _build_into(folder, sources)
+    except OSError as error:  # the cache folder not writable, the disk full: run interpreted
+        raise CompileUnavailableError(f"could not build in {cache_dir}: {error}") from None
+    log.info("compiled %d modules with mypyc: %s", len(HOT_MODULES), folder)
+    return folder
+
+
+def _build_into(folder: Path, sources: list[Path]) -> None:
+    cache_dir = folder.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         work = Path(scratch) / "src"
@@ -123,8 +144,6 @@ def build(cache_dir: Path | None = None) -> Path:
         except OSError:
             if not folder.is_dir():  # not another worker's build landing first
                 raise
-    log.info("compiled %d modules with mypyc: %s", len(HOT_MODULES), folder)
-    return folder
 
 
 def build_key(sources: list[bytes], mypy_version: str) -> str:

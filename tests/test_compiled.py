@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,29 @@ def test_without_mypy_the_modules_stay_interpreted(monkeypatch, tmp_path):
     with pytest.raises(compiled.CompileUnavailableError, match="mypy"):
         compiled.build(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_cache_it_cannot_write_leaves_the_modules_interpreted(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(compiled.CompileUnavailableError, match="could not build"):
+        compiled.build(not_a_folder / "cache")
+
+
+def test_a_build_that_does_not_load_is_backed_out(tmp_path):
+    """A build that fails to load (here: one module's library replaced by bytes no loader takes) must
+    not stop a worker: activate says False and every module imports as source."""
+    built = compiled.build()  # the shared cache (make test builds it first)
+    damaged = tmp_path / built.name
+    shutil.copytree(built, damaged)
+    library = next((damaged / "processor" / "worker").glob("verdicts.*"))
+    library.write_bytes(b"not a shared library")
+    answer = run_python(
+        "import json\n"
+        "from pathlib import Path\n"
+        "from processor import compiled\n"
+        f"activated = compiled.activate(Path({str(tmp_path)!r}))\n"
+        "import processor.worker.worker\n"
+        "print(json.dumps([activated, *(compiled.is_compiled(n) for n in compiled.HOT_MODULES)]))"
+    )
+    assert answer == [False, *[False] * len(compiled.HOT_MODULES)]
