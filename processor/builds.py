@@ -4,8 +4,17 @@ cached, and running the tools that make them."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+
+def c_compiler(error: type[Exception]) -> str:
+    """The C compiler to build with (`$CC`, else `cc`); `error` saying so when there is none."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise error(f"no C compiler ({compiler!r} not found; install gcc or set CC)")
+    return compiler
 
 
 def cache_dir(kind: str, override_variable: str) -> Path:

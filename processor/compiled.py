@@ -101,8 +101,7 @@ def is_compiled(module_name: str) -> bool:
 
 def build(cache_dir: Path | None = None) -> Path:
     """The folder of HOT_MODULES' compiled build for their current sources; built when missing."""
-    if shutil.which(os.environ.get("CC") or "cc") is None:
-        raise CompileUnavailableError("no C compiler (install gcc or set CC)")
+    builds.c_compiler(CompileUnavailableError)  # mypyc's build runs it (setuptools finds $CC)
     try:
         mypy_version = importlib.metadata.version("mypy")
     except importlib.metadata.PackageNotFoundError:
@@ -161,7 +160,7 @@ class CompiledFinder(importlib.abc.MetaPathFinder):
 
     def __init__(self, folder: Path) -> None:
         suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-        self.files = {name: folder / (name.replace(".", "/") + suffix) for name in HOT_MODULES}
+        self.files = {name: folder / _module_file(name, suffix) for name in HOT_MODULES}
         for library in folder.glob(f"*__mypyc{suffix}"):
             self.files[library.name.removesuffix(suffix)] = library
 
@@ -176,14 +175,19 @@ class CompiledFinder(importlib.abc.MetaPathFinder):
 
 
 def _source(module_name: str) -> Path:
-    return PACKAGE_ROOT / (module_name.replace(".", "/") + ".py")
+    return PACKAGE_ROOT / _module_file(module_name, ".py")
+
+
+def _module_file(module_name: str, suffix: str) -> str:
+    """processor.worker.verdicts -> processor/worker/verdicts<suffix>"""
+    return module_name.replace(".", "/") + suffix
 
 
 def _not_python(folder: str, names: list[str]) -> list[str]:
     return [name for name in names if not name.endswith(".py") and not (Path(folder) / name).is_dir()]
 
 
-if __name__ == "__main__":  # `python -m processor.compiled`: build ahead (make setup), say where
+if __name__ == "__main__":  # `python -m processor.compiled`: build ahead (make test, make demo), say where
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         print(build())

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -233,9 +232,7 @@ def build(cache_dir: Path | None = None, target: str = "native", source: Path = 
     `target` is gcc's -march: this CPU by default; tests also build older instruction sets (AVX2,
     baseline x86-64) to check the kernel's paths for them on this machine. `source` is another
     version of the kernel's file (bench/kernel.py builds a revision's beside this one)."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise KernelUnavailableError(f"no C compiler ({compiler!r} not found; install gcc or set CC)")
+    compiler = builds.c_compiler(KernelUnavailableError)
     compile_flags = (*COMPILE_FLAGS, f"-march={target}")
     text = source.read_bytes()
     flags = " ".join(compile_flags + LINK_FLAGS).encode()
