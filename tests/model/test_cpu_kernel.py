@@ -107,7 +107,16 @@ def stored(tensor: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize(
     ("block_size", "head_dim", "heads", "kv_heads"),
-    [(16, 16, 4, 2), (8, 16, 4, 2), (16, 32, 8, 4), (32, 24, 4, 4), (4, 128, 16, 8), (16, 8, 2, 1)],
+    # 18: head dimensions past the tiles' partial sums, and past a vector of 16
+    [
+        (16, 16, 4, 2),
+        (8, 16, 4, 2),
+        (16, 32, 8, 4),
+        (32, 24, 4, 4),
+        (4, 128, 16, 8),
+        (16, 8, 2, 1),
+        (16, 18, 4, 2),
+    ],
 )
 def test_kernel_matches_dense_causal_attention(kernel, block_size, head_dim, heads, kv_heads, cache_dtype):
     """Prompts, then steps of 1 to 40 new tokens per conversation, across block boundaries; every
@@ -141,6 +150,24 @@ def test_sharp_attention_matches_dense_attention(kernel):
     and the output is still dense attention's."""
     for cache_dtype in CACHE_DTYPES:
         check_against_dense(kernel, 16, 16, 4, 2, cache_dtype, query_scale=30.0)
+
+
+def test_a_dominant_key_anywhere_in_a_long_row_takes_all_the_weight(kernel):
+    """One key scoring ~150 above the rest, at each position of a 150-key row in turn: every position
+    must reach the row's maximum (a maximum that missed it would leave exp(150) to overflow), so the
+    output is that key's value, as dense attention says."""
+    context, heads, kv_heads, head_dim = 150, 4, 2, 16
+    generator = torch.Generator().manual_seed(11)
+    for position in range(context):
+        layer = PagedLayer(kernel, kv_heads, head_dim, 16, blocks=40, seed=position)
+        key = torch.randn(context, kv_heads, head_dim, generator=generator) * 0.1
+        value = torch.randn(context, kv_heads, head_dim, generator=generator)
+        key[position] = 1.0
+        query = torch.full((context, heads, head_dim), 40.0)  # scores 40 * 16 * 0.25 = 160 at `position`
+        out = layer.step({"a": context}, query, key, value, 0.25)
+        expected = dense_attention(query, key, value, 0, 0.25)
+        assert torch.isfinite(out).all(), f"position {position}"
+        assert torch.allclose(out[-1], expected[-1], atol=1e-5), f"position {position}"
 
 
 def check_against_dense(

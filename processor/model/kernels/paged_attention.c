@@ -106,6 +106,37 @@ typedef float lanes_unaligned_t __attribute__((vector_size(LANES * sizeof(float)
 static inline lanes_t load_lanes(const float *from) { return *(const lanes_unaligned_t *)from; }
 static inline void store_lanes(float *to, lanes_t value) { *(lanes_unaligned_t *)to = value; }
 
+static inline lanes_t max_lanes(lanes_t a, lanes_t b) {
+#if defined(__AVX512F__)
+    return (lanes_t)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+    return (lanes_t)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    for (int l = 0; l < LANES; l++) a[l] = a[l] > b[l] ? a[l] : b[l];
+    return a;
+#endif
+}
+
+/* The largest of s[0 .. count), count >= 1, with four running maxima (one alone waits on the last
+ * max's latency every LANES scores). */
+static inline float row_max(const float *restrict s, int64_t count) {
+    lanes_t m0, m1, m2, m3;
+    int64_t j = 0;
+    float top = -FLT_MAX;
+    if (count >= 4 * LANES) {
+        m0 = load_lanes(s), m1 = load_lanes(s + LANES), m2 = load_lanes(s + 2 * LANES), m3 = load_lanes(s + 3 * LANES);
+        for (j = 4 * LANES; j + 4 * LANES <= count; j += 4 * LANES) {
+            const lanes_t a = load_lanes(s + j), b = load_lanes(s + j + LANES);
+            const lanes_t c = load_lanes(s + j + 2 * LANES), d = load_lanes(s + j + 3 * LANES);
+            m0 = max_lanes(a, m0), m1 = max_lanes(b, m1), m2 = max_lanes(c, m2), m3 = max_lanes(d, m3);
+        }
+        m0 = max_lanes(max_lanes(m0, m1), max_lanes(m2, m3));
+        for (int l = 0; l < LANES; l++) top = m0[l] > top ? m0[l] : top;
+    }
+    for (; j < count; j++) top = s[j] > top ? s[j] : top;
+    return top;
+}
+
 /* Cache elements: float, or (half = 1) IEEE float16, chosen per exported function. Every function
  * that reads the cache takes `half` as a constant and is always inlined, so each exported variant
  * compiles to its own loop with no branch on the element type. float16 needs the compiler's _Float16
@@ -227,18 +258,37 @@ ALWAYS_INLINE void block_values(const float *restrict p, const void *restrict va
  * accumulators are registers. */
 #define MAX_TILE 8
 
+/* FMA chains kept in flight by the tiles below: an FMA waits ~4 cycles for its accumulator and two
+ * can start a cycle, so a tile of `tile` rows splits each row's sum into 8 / tile partial sums (over
+ * every chains-th head dimension or key) and adds them at the end. With one chain a row, a 2-row tile
+ * (a streaming step's usual shape) waited on FMA latency; with these and row_max the kernel took 5-10%
+ * less at 1,500 keys and 1-3 new tokens, no change at 500 (bench/README.md, "Twelfth session"). */
+#define FMA_CHAINS 8
+#define MAX_CHAINS 4 /* partial sums a row: FMA_CHAINS / the smallest tile (2) */
+
 /* block_scores for the `tile` rows at q (scores to s), against one transposed key block ([D][bs]). */
 ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, const void *restrict key_block,
                                      int64_t D, int64_t bs, float *restrict s, int64_t width, const int half) {
+    const int chains = tile >= FMA_CHAINS ? 1 : FMA_CHAINS / tile;
     int64_t j1 = 0;
     for (; j1 + LANES <= bs; j1 += LANES) {
-        lanes_t a[MAX_TILE];
-        for (int t = 0; t < tile; t++) a[t] = (lanes_t){0};
-        for (int64_t d = 0; d < D; d++) {
+        lanes_t a[MAX_TILE][MAX_CHAINS];
+        for (int t = 0; t < tile; t++)
+            for (int c = 0; c < chains; c++) a[t][c] = (lanes_t){0};
+        int64_t d = 0;
+        for (; d + chains <= D; d += chains)
+            for (int c = 0; c < chains; c++) {
+                const lanes_t k = load_kv(kv_at(key_block, (d + c) * bs + j1, half), half);
+                for (int t = 0; t < tile; t++) a[t][c] += q[t * D + d + c] * k;
+            }
+        for (; d < D; d++) {
             const lanes_t k = load_kv(kv_at(key_block, d * bs + j1, half), half);
-            for (int t = 0; t < tile; t++) a[t] += q[t * D + d] * k;
+            for (int t = 0; t < tile; t++) a[t][0] += q[t * D + d] * k;
         }
-        for (int t = 0; t < tile; t++) store_lanes(s + t * width + j1, a[t]);
+        for (int t = 0; t < tile; t++) {
+            for (int c = 1; c < chains; c++) a[t][0] += a[t][c];
+            store_lanes(s + t * width + j1, a[t][0]);
+        }
     }
     for (; j1 < bs; j1++) /* blocks narrower than LANES */
         for (int t = 0; t < tile; t++) {
@@ -253,15 +303,28 @@ ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, co
 ALWAYS_INLINE void block_values_tile(const int tile, const float *restrict p, int64_t width,
                                      const void *restrict value_block, int64_t count, int64_t D,
                                      float *restrict acc, const int half) {
+    const int chains = tile >= FMA_CHAINS ? 1 : FMA_CHAINS / tile;
     int64_t d0 = 0;
     for (; d0 + LANES <= D; d0 += LANES) {
-        lanes_t a[MAX_TILE];
-        for (int t = 0; t < tile; t++) a[t] = load_lanes(acc + t * D + d0);
-        for (int64_t jj = 0; jj < count; jj++) {
-            const lanes_t v = load_kv(kv_at(value_block, jj * D + d0, half), half);
-            for (int t = 0; t < tile; t++) a[t] += p[t * width + jj] * v;
+        lanes_t a[MAX_TILE][MAX_CHAINS];
+        for (int t = 0; t < tile; t++) {
+            a[t][0] = load_lanes(acc + t * D + d0);
+            for (int c = 1; c < chains; c++) a[t][c] = (lanes_t){0};
         }
-        for (int t = 0; t < tile; t++) store_lanes(acc + t * D + d0, a[t]);
+        int64_t jj = 0;
+        for (; jj + chains <= count; jj += chains)
+            for (int c = 0; c < chains; c++) {
+                const lanes_t v = load_kv(kv_at(value_block, (jj + c) * D + d0, half), half);
+                for (int t = 0; t < tile; t++) a[t][c] += p[t * width + jj + c] * v;
+            }
+        for (; jj < count; jj++) {
+            const lanes_t v = load_kv(kv_at(value_block, jj * D + d0, half), half);
+            for (int t = 0; t < tile; t++) a[t][0] += p[t * width + jj] * v;
+        }
+        for (int t = 0; t < tile; t++) {
+            for (int c = 1; c < chains; c++) a[t][0] += a[t][c];
+            store_lanes(acc + t * D + d0, a[t][0]);
+        }
     }
     for (; d0 < D; d0++) /* head sizes that are not a multiple of LANES */
         for (int t = 0; t < tile; t++)
@@ -324,9 +387,7 @@ ALWAYS_INLINE void attend(const float *restrict query, float *restrict out, cons
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t seen = start + r / group + 1;
                 float *s = scores + r * width;
-                float top = -FLT_MAX;
-#pragma omp simd reduction(max : top)
-                for (int64_t j = 0; j < seen; j++) top = s[j] > top ? s[j] : top;
+                const float top = row_max(s, seen);
                 inverse[r] = 1.0f / exp_row(s, seen, top);
                 for (int64_t j = seen; j < context; j++) s[j] = 0.0f; /* the chunk's later keys: a tile reads them */
                 memset(acc + r * D, 0, D * sizeof(float));
