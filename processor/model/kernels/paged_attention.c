@@ -266,10 +266,13 @@ ALWAYS_INLINE void block_values(const float *restrict p, const void *restrict va
 #define FMA_CHAINS 8
 #define MAX_CHAINS 4 /* partial sums a row: FMA_CHAINS / the smallest tile (2) */
 
+/* Partial sums a row of a `tile`-row tile keeps (a constant once the tile is). */
+ALWAYS_INLINE int chains_for(const int tile) { return tile >= FMA_CHAINS ? 1 : FMA_CHAINS / tile; }
+
 /* block_scores for the `tile` rows at q (scores to s), against one transposed key block ([D][bs]). */
 ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, const void *restrict key_block,
                                      int64_t D, int64_t bs, float *restrict s, int64_t width, const int half) {
-    const int chains = tile >= FMA_CHAINS ? 1 : FMA_CHAINS / tile;
+    const int chains = chains_for(tile);
     int64_t j1 = 0;
     for (; j1 + LANES <= bs; j1 += LANES) {
         lanes_t a[MAX_TILE][MAX_CHAINS];
@@ -303,7 +306,7 @@ ALWAYS_INLINE void block_scores_tile(const int tile, const float *restrict q, co
 ALWAYS_INLINE void block_values_tile(const int tile, const float *restrict p, int64_t width,
                                      const void *restrict value_block, int64_t count, int64_t D,
                                      float *restrict acc, const int half) {
-    const int chains = tile >= FMA_CHAINS ? 1 : FMA_CHAINS / tile;
+    const int chains = chains_for(tile);
     int64_t d0 = 0;
     for (; d0 + LANES <= D; d0 += LANES) {
         lanes_t a[MAX_TILE][MAX_CHAINS];
