@@ -206,6 +206,11 @@ class Worker:
         # flight: freeing a step's thousands of objects where the loop dropped them took ~10% of its
         # Python time, on the step's critical path (py-spy at 20,000 events/s).
         self._spent: list[object] = []
+        # Partitions revoked since the last poll began (a batch's records of them belong to their next
+        # owner, or are fetched again from the committed offset if they come back here), and whether
+        # the new assignment is still to come: until it is, consumer.assignment() shows the old one.
+        self._revoked_since_poll: set[TopicPartition] = set()
+        self._awaiting_assignment = False
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -245,6 +250,8 @@ class Worker:
         """A step's records, the first of them decoded and planned while the fresh fetch is in flight
         (the loop would only wait for it: ~6 ms a step at 10,000 events/s)."""
         settings, ahead = self.settings, None
+        if not self._awaiting_assignment:
+            self._revoked_since_poll = set()
 
         def decode_ahead(first: dict[TopicPartition, list[ConsumerRecord]]) -> None:
             nonlocal ahead
@@ -324,8 +331,12 @@ class Worker:
         leaves the process."""
         started = time.perf_counter()
         # A rebalance may have taken partitions since getmany returned: their new owner handles them.
-        assigned = self.consumer.assignment()
-        batch = {partition: records for partition, records in batch.items() if partition in assigned}
+        assigned, revoked = self.consumer.assignment(), self._revoked_since_poll
+        batch = {
+            partition: records
+            for partition, records in batch.items()
+            if partition in assigned and partition not in revoked
+        }
         if not any(batch.values()):
             return None
         if ahead is not None and not ahead.counts.keys() <= batch.keys():
@@ -605,7 +616,13 @@ class Worker:
             leaving = self.open.in_partitions(revoked)
             await self._release(leaving)
             self.sessions.drop(leaving)  # the new owner may move them on
+            self._revoked_since_poll |= revoked
+            self._awaiting_assignment = True
         log.info("partitions revoked: %s", sorted(partition.partition for partition in revoked))
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._awaiting_assignment = False
+        log.info("partitions assigned: %s", sorted(partition.partition for partition in assigned))
 
     async def _expire_idle(self) -> None:
         """Idle conversations past the session TTL stop counting against max_conversations."""
@@ -623,7 +640,7 @@ class _RebalanceListener(ConsumerRebalanceListener):
         await self._worker.on_partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned) -> None:
-        log.info("partitions assigned: %s", sorted(partition.partition for partition in assigned))
+        self._worker.on_partitions_assigned(set(assigned))
 
 
 def model_name(model: GuardModel) -> str:

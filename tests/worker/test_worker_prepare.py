@@ -139,6 +139,36 @@ async def test_records_decoded_during_the_poll_make_the_step_decoded_whole(tiny_
         await ahead_front.close()
 
 
+async def test_records_polled_before_a_revocation_are_not_moderated_even_if_the_partition_comes_back(
+    tiny_model_dir,
+):
+    """A rebalance between the poll and prepare: consumer.assignment() still lists the old partitions
+    until the new assignment lands, and a partition assigned back is fetched again from its committed
+    offset. Either way the polled records are not this step's (moderating them published verdicts
+    twice in a 1 -> 3 -> 1 scale test); a poll during the rebalance is not trusted either."""
+
+    def first() -> dict:  # a fresh answer each time: the poll extends the lists it is given
+        return {TOPIC: [token_event("a", 0, 10)]}
+
+    def more() -> dict:
+        return {TOPIC: [token_event("a", 1, 11)]}
+
+    polls = ScriptedConsumer(first(), more(), first(), more(), first(), assigned={TOPIC})
+    worker, front = tiny_worker(tiny_model_dir, polls, "a")
+    try:
+        batch, ahead = await worker.poll()
+        await worker.on_partitions_revoked({TOPIC})  # assignment() still says TOPIC, as aiokafka's does
+        assert await worker.prepare(batch, asyncio.Event(), ahead) is None
+        batch, ahead = await worker.poll()  # during the rebalance
+        worker.on_partitions_assigned({TOPIC})
+        assert await worker.prepare(batch, asyncio.Event(), ahead) is None
+        batch, ahead = await worker.poll()  # after it: a step again
+        prepared = await worker.prepare(batch, asyncio.Event(), ahead)
+        assert prepared is not None and [(c, seq) for c, seq, _, _ in answered(prepared)] == [("a", 0)]
+    finally:
+        await front.close()
+
+
 async def test_a_partition_gone_since_the_poll_takes_its_early_records_with_it(tiny_model_dir):
     """Records decoded during the poll from a partition revoked before prepare are not moderated (their
     new owner does that); the step is the kept partition's records, decoded afresh."""
