@@ -206,11 +206,14 @@ class Worker:
         # flight: freeing a step's thousands of objects where the loop dropped them took ~10% of its
         # Python time, on the step's critical path (py-spy at 20,000 events/s).
         self._spent: list[object] = []
-        # Partitions revoked since the last poll began (a batch's records of them belong to their next
-        # owner, or are fetched again from the committed offset if they come back here), and whether
-        # the new assignment is still to come: until it is, consumer.assignment() shows the old one.
-        self._revoked_since_poll: set[TopicPartition] = set()
+        # Rebalances, as the poll and prepare must see them. aiokafka keeps fetching for the old
+        # assignment until the new one lands (assignment() shows the old partitions until then) and
+        # fetches a partition of the new one from its committed offset, so records fetched before a
+        # revocation, or while the new assignment is to come, are not this worker's to moderate: they
+        # come again to whoever owns the partition next. Records of the new assignment are.
+        self._revocations = 0
         self._awaiting_assignment = False
+        self._revoked_since_poll: set[TopicPartition] = set()  # since the batch in hand was fetched
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -250,8 +253,6 @@ class Worker:
         """A step's records, the first of them decoded and planned while the fresh fetch is in flight
         (the loop would only wait for it: ~6 ms a step at 10,000 events/s)."""
         settings, ahead = self.settings, None
-        if not self._awaiting_assignment:
-            self._revoked_since_poll = set()
 
         def decode_ahead(first: dict[TopicPartition, list[ConsumerRecord]]) -> None:
             nonlocal ahead
@@ -276,9 +277,16 @@ class Worker:
             settings.poll_max_records,
             settings.fresh_fetch_ms,
             while_fetching=decode_ahead,
+            assignment_epoch=self.assignment_epoch,
         )
+        self._revoked_since_poll = set()  # the batch is of the assignment in force now
         self.release_spent()  # when there was no fetch to wait for
-        return batch, ahead
+        return batch, (ahead if batch else None)
+
+    def assignment_epoch(self) -> int | None:
+        """Which assignment records fetched now belong to: None while a rebalance is under way (the
+        old one's, fetched again by the next owner), else a number that changes at every revocation."""
+        return None if self._awaiting_assignment else self._revocations
 
     def release_spent(self) -> None:
         """Free the last step's records, events and plans (the poll does, while its fetch is in flight)."""
@@ -330,7 +338,8 @@ class Worker:
         """Decode (what `ahead` has not), plan and moderate a batch: everything of a step but what
         leaves the process."""
         started = time.perf_counter()
-        # A rebalance may have taken partitions since getmany returned: their new owner handles them.
+        # A rebalance may have taken partitions since the poll: their next owner handles them (this
+        # worker too, fetching them again from the committed offsets, if they come back here).
         assigned, revoked = self.consumer.assignment(), self._revoked_since_poll
         batch = {
             partition: records
@@ -608,6 +617,10 @@ class Worker:
             return result
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # First, before any wait: a poll that returns from here on fetched for the old assignment.
+        self._revocations += 1
+        self._awaiting_assignment = True
+        self._revoked_since_poll |= revoked
         async with self.step_lock:  # the steps in flight publish, save and commit first
             failure = await self.chain.wait()
             if failure is not None:  # the main loop rewinds; memory is ahead of Redis everywhere
@@ -616,8 +629,6 @@ class Worker:
             leaving = self.open.in_partitions(revoked)
             await self._release(leaving)
             self.sessions.drop(leaving)  # the new owner may move them on
-            self._revoked_since_poll |= revoked
-            self._awaiting_assignment = True
         log.info("partitions revoked: %s", sorted(partition.partition for partition in revoked))
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -676,15 +687,23 @@ async def poll_records(
     max_records: int,
     fresh_fetch_ms: int,
     while_fetching: Callable[[dict[TopicPartition, list[ConsumerRecord]]], None] | None = None,
+    assignment_epoch: Callable[[], int | None] = lambda: 0,
 ) -> dict[TopicPartition, list[ConsumerRecord]]:
     """A step's records: what the consumer holds, then what the fetch its drain sets off brings (up to
     `fresh_fetch_ms` for it; 0: one poll).
+
+    All of one assignment (`assignment_epoch`, read as each getmany returns; None: a rebalance is
+    under way): records fetched for an old assignment are left to the partitions' next owner, and
+    when a rebalance falls between the two getmany calls the new assignment's records are sought
+    back (no step of that assignment has run yet) and the step is empty: none is lost or mixed.
 
     aiokafka fetches a partition again only once its buffered records are drained, one fetch in flight
     per broker, and the event loop is busy while a step runs: the records held at a poll are those that
     arrived before the last step's early fetch, and the ones that arrived during that step would wait
     a whole step more (`--fresh-fetch-ms`; measured in bench/README.md, "Sixth session: the fresh fetch")."""
     batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+    if (epoch := assignment_epoch()) is None:
+        return {}
     count = sum(len(records) for records in batch.values())
     if batch and fresh_fetch_ms and count < max_records:
         if while_fetching is not None:
@@ -693,6 +712,11 @@ async def poll_records(
             await asyncio.sleep(LET_THE_LOOP_RUN_SECONDS)
             while_fetching(batch)
         more = await consumer.getmany(timeout_ms=fresh_fetch_ms, max_records=max_records - count)
+        if assignment_epoch() != epoch:
+            if assignment_epoch() is not None:
+                for partition, records in more.items():
+                    consumer.seek(partition, records[0].offset)
+            return {}
         for partition, records in more.items():  # later offsets than the first poll's: after them
             batch.setdefault(partition, []).extend(records)
     return batch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import TopicPartition
 
@@ -53,16 +53,25 @@ def on_the_wire(verdicts: list[Verdict]) -> list[VerdictEvent]:
 
 class ScriptedConsumer:
     """What the worker asks of its consumer, scripted: getmany answers from `answers` in turn (then
-    nothing) and records what it was asked; `assigned` is the assignment prepare finds."""
+    nothing) and records what it was asked, and seek records where it was sent; `assigned` is the
+    assignment prepare finds. An answer may be a coroutine function, awaited by that getmany (what
+    happens while the fetch is out, a rebalance say) for the records it returns."""
 
-    def __init__(self, *answers: dict, assigned: Iterable[TopicPartition] = ()) -> None:
+    def __init__(
+        self, *answers: dict | Callable[[], Awaitable[dict]], assigned: Iterable[TopicPartition] = ()
+    ) -> None:
         self.answers = list(answers)
         self.assigned = set(assigned)
         self.calls: list[tuple[int, int]] = []
+        self.seeks: list[tuple[TopicPartition, int]] = []
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict:
         self.calls.append((timeout_ms, max_records))
-        return self.answers.pop(0) if self.answers else {}
+        answer = self.answers.pop(0) if self.answers else {}
+        return await answer() if callable(answer) else answer
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.seeks.append((partition, offset))
 
     def assignment(self) -> set[TopicPartition]:
         return self.assigned
