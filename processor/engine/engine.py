@@ -91,6 +91,13 @@ class GuardEngine:
             self.blocks, self.config.max_batch_tokens, self.config.max_batch_conversations, self._evict
         )
         self._conversations: dict[str, Conversation] = {}
+        # Those of them with work queued: what a step looks at. The engine holds every conversation
+        # whose cache it keeps (thousands of short ones in a large cache) and a step runs a few hundred:
+        # walking them all, to schedule, to say whether anything waits and for the stats, made a
+        # step's cost grow with the idle ones (bench/README.md, "Thirteenth session").
+        self._waiting: dict[str, Conversation] = {}
+        # The rest of them, least recently used first: what eviction takes, in that order.
+        self._idle: dict[str, Conversation] = {}
         self._finished: list[ChunkResult] = []
         self._request_ids = itertools.count()
         self._requests: dict[int, ChunkRequest] = {}
@@ -108,14 +115,14 @@ class GuardEngine:
         return conversation is None or conversation.is_idle
 
     def has_pending(self) -> bool:
-        return bool(self._finished) or any(c.pending for c in self._conversations.values())
+        return bool(self._finished) or bool(self._waiting)
 
     def predicted_step_seconds(self) -> float | None:
         """CPU seconds the next step should take, scaled from the last step by tokens; None before any."""
         stats = self._stats
         if stats.last_step_tokens == 0:
             return None
-        queued = sum(request.remaining for c in self._conversations.values() for request in c.pending)
+        queued = sum(request.remaining for c in self._waiting.values() for request in c.pending)
         tokens = min(queued, self.config.max_batch_tokens)
         return stats.last_step_cpu_seconds * tokens / stats.last_step_tokens
 
@@ -145,6 +152,8 @@ class GuardEngine:
             self._finish_early(request, ChunkStatus.CONTEXT_EXCEEDED)
         else:
             conversation.pending.append(request)
+            self._idle.pop(conversation_id, None)
+            self._waiting[conversation_id] = conversation
             self._stats.rebuilt_tokens += len(prefix)
         if conversation.is_idle and not conversation.cached_token_ids:
             del self._conversations[conversation_id]
@@ -164,6 +173,8 @@ class GuardEngine:
         """Free a conversation's cache (ended, or its partition moved); queued work is dropped."""
         conversation = self._conversations.pop(conversation_id, None)
         if conversation is not None:
+            self._waiting.pop(conversation_id, None)
+            self._idle.pop(conversation_id, None)
             self.blocks.release(conversation.block_table)
 
     def release_all(self) -> None:
@@ -176,9 +187,9 @@ class GuardEngine:
         """Run one batch; return the requests completed by it (and any that finished early)."""
         started, cpu_started = time.perf_counter(), time.thread_time()
         self._stats.steps += 1
-        schedule = self.scheduler.schedule(self._conversations, self._stats.steps)
+        schedule = self.scheduler.schedule(self._waiting, self._idle)
         for request in schedule.too_large:
-            self._conversations[request.conversation_id].pending.popleft()
+            self._dequeue(self._conversations[request.conversation_id])
             self._finish_early(request, ChunkStatus.EXCEEDS_CACHE)
         if schedule.chunks:
             output = self.runner.run(schedule.chunks, self.config.keep_probabilities)
@@ -200,7 +211,7 @@ class GuardEngine:
                 request.done += chunk.length
                 row += chunk.length
                 if request.remaining == 0:
-                    conversation.pending.popleft()
+                    self._dequeue(conversation)
                     self._finished.append(self._result(request, ChunkStatus.OK))
         self._record_step(schedule.chunks, time.perf_counter() - started, time.thread_time() - cpu_started)
         finished, self._finished = self._finished, []
@@ -215,16 +226,25 @@ class GuardEngine:
 
     def stats(self) -> EngineStats:
         self._stats.active_conversations = len(self._conversations)
-        self._stats.waiting_conversations = sum(1 for c in self._conversations.values() if c.pending)
+        self._stats.waiting_conversations = len(self._waiting)
         self._stats.blocks_used = self.blocks.used_blocks
         self._stats.blocks_free = self.blocks.free_blocks
         return self._stats
 
     # -- internals --------------------------------------------------------------------------------
 
+    def _dequeue(self, conversation: Conversation) -> None:
+        """The conversation's first request is done (or refused)."""
+        conversation.pending.popleft()
+        if not conversation.pending:
+            del self._waiting[conversation.conversation_id]
+            if conversation.block_table:  # the most recently used, now; nothing to evict without blocks
+                self._idle[conversation.conversation_id] = conversation
+
     def _evict(self, conversation: Conversation) -> None:
         self.blocks.release(conversation.block_table)
         del self._conversations[conversation.conversation_id]
+        del self._idle[conversation.conversation_id]
         self._stats.evictions += 1
 
     def _finish_early(self, request: ChunkRequest, status: ChunkStatus) -> None:

@@ -51,14 +51,17 @@ class Scheduler:
         self.max_batch_conversations = max_batch_conversations
         self._evict = evict
 
-    def schedule(self, conversations: dict[str, Conversation], step: int) -> Schedule:
+    def schedule(
+        self, waiting_conversations: dict[str, Conversation], idle_conversations: dict[str, Conversation]
+    ) -> Schedule:
+        """`waiting_conversations`: the held conversations with work queued; `idle_conversations`: the
+        others, least recently used first, which eviction takes in that order (`evict` forgets one)."""
         waiting = sorted(
-            (conversation for conversation in conversations.values() if conversation.pending),
+            waiting_conversations.values(),
             key=lambda conversation: conversation.pending[0].request_id,  # oldest request first
         )
         chunks: list[ScheduledChunk] = []
         too_large: list[ChunkRequest] = []
-        in_step: set[str] = set()
         token_budget = self.max_batch_tokens
         for conversation in waiting:
             if token_budget == 0 or len(chunks) == self.max_batch_conversations:
@@ -72,41 +75,25 @@ class Scheduler:
                 continue
             length = min(request.remaining, token_budget)
             end_position = request.start_position + request.done + length
-            if not self._make_room(conversations, conversation, end_position, in_step):
+            if not self._make_room(idle_conversations, conversation, end_position):
                 continue
             self.blocks.grow(conversation.block_table, end_position)
-            conversation.last_used_step = step
             chunks.append(ScheduledChunk(conversation, request, request.done, length))
-            in_step.add(conversation.conversation_id)
             token_budget -= length
         # Every waiting conversation blocked by the caches of other waiting ones: take the oldest
         # one's room from the others (they rebuild from their own cached tokens later).
         if not chunks and not too_large and waiting and self._preempt_for(waiting[0], waiting[1:]):
-            return self.schedule(conversations, step)
+            return self.schedule(waiting_conversations, idle_conversations)
         return Schedule(chunks, too_large)
 
     def _make_room(
-        self,
-        conversations: dict[str, Conversation],
-        conversation: Conversation,
-        end_position: int,
-        in_step: set[str],
+        self, idle: dict[str, Conversation], conversation: Conversation, end_position: int
     ) -> bool:
         needed = self.blocks.extra_blocks_needed(conversation.block_table, end_position)
-        if needed <= self.blocks.free_blocks:
-            return True
-        idle = sorted(
-            (
-                other
-                for other in conversations.values()
-                if other.is_idle and other.conversation_id not in in_step and other.block_table
-            ),
-            key=lambda other: other.last_used_step,
-        )
-        for victim in idle:
-            if needed <= self.blocks.free_blocks:
-                break
-            self._evict(victim)
+        # The least recently used idle conversation first: `idle` is in that order, so no step sorts
+        # (or walks) the conversations a full cache holds, and `evict` takes the victim out of it.
+        while needed > self.blocks.free_blocks and idle:
+            self._evict(next(iter(idle.values())))
         return needed <= self.blocks.free_blocks
 
     def _preempt_for(self, first: Conversation, others: list[Conversation]) -> bool:

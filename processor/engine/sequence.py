@@ -58,7 +58,6 @@ class Conversation:
     cached_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     pending: deque[ChunkRequest] = field(default_factory=deque)
-    last_used_step: int = 0
 
     @property
     def num_cached(self) -> int:

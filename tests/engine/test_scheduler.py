@@ -14,52 +14,62 @@ def conversation_with(conversation_id: str, request_id: int, tokens: int, cached
     return conversation
 
 
-def make_scheduler(blocks: BlockManager, tokens: int = 100, conversations: int = 10):
-    evicted: list[str] = []
+class Held:
+    """The conversations an engine holds, and what it keeps beside them for the scheduler: the waiting
+    ones, and the idle ones least recently used first (here: in the order they were added)."""
 
-    def evict(conversation: Conversation) -> None:
-        blocks.release(conversation.block_table)
-        evicted.append(conversation.conversation_id)
-        del held[conversation.conversation_id]
+    def __init__(self, blocks: BlockManager, tokens: int = 100, conversations: int = 10) -> None:
+        self.conversations: dict[str, Conversation] = {}
+        self.idle: dict[str, Conversation] = {}
+        self.evicted: list[str] = []
+        self.scheduler = Scheduler(blocks, tokens, conversations, self._evict)
+        self._blocks = blocks
 
-    held: dict[str, Conversation] = {}
-    return Scheduler(blocks, tokens, conversations, evict), held, evicted
+    def add(self, conversation: Conversation) -> None:
+        self.conversations[conversation.conversation_id] = conversation
+        if not conversation.pending:
+            self.idle[conversation.conversation_id] = conversation
+
+    def schedule(self):
+        waiting = {name: c for name, c in self.conversations.items() if c.pending}
+        return self.scheduler.schedule(waiting, self.idle)
+
+    def _evict(self, conversation: Conversation) -> None:
+        self._blocks.release(conversation.block_table)
+        self.evicted.append(conversation.conversation_id)
+        del self.conversations[conversation.conversation_id], self.idle[conversation.conversation_id]
 
 
 def test_token_budget_splits_a_long_prompt_and_keeps_fifo_order():
-    blocks = BlockManager(64, 4)
-    scheduler, held, _ = make_scheduler(blocks, tokens=10)
-    held["late"] = conversation_with("late", request_id=2, tokens=1)
-    held["early"] = conversation_with("early", request_id=1, tokens=25)
-    chunks = scheduler.schedule(held, step=1).chunks
+    held = Held(BlockManager(64, 4), tokens=10)
+    held.add(conversation_with("late", request_id=2, tokens=1))
+    held.add(conversation_with("early", request_id=1, tokens=25))
+    chunks = held.schedule().chunks
     assert [(chunk.conversation.conversation_id, chunk.length) for chunk in chunks] == [("early", 10)]
 
 
 def test_conversation_budget_caps_the_batch():
-    blocks = BlockManager(64, 4)
-    scheduler, held, _ = make_scheduler(blocks, conversations=3)
+    held = Held(BlockManager(64, 4), conversations=3)
     for index in range(5):
-        held[f"c{index}"] = conversation_with(f"c{index}", index, tokens=1)
-    assert len(scheduler.schedule(held, step=1).chunks) == 3
+        held.add(conversation_with(f"c{index}", index, tokens=1))
+    assert len(held.schedule().chunks) == 3
 
 
 def test_least_recently_used_idle_conversation_is_evicted_when_blocks_run_out():
     blocks = BlockManager(4, 4)
-    scheduler, held, evicted = make_scheduler(blocks)
-    for name, last_used in (("old", 1), ("recent", 5)):
+    held = Held(blocks)
+    for name in ("old", "recent"):  # used in this order
         conversation = conversation_with(name, 0, tokens=0, cached=8)
         blocks.grow(conversation.block_table, 8)
-        conversation.last_used_step = last_used
-        held[name] = conversation
-    held["new"] = conversation_with("new", 9, tokens=5)
-    chunks = scheduler.schedule(held, step=6).chunks
-    assert evicted == ["old"]
+        held.add(conversation)
+    held.add(conversation_with("new", 9, tokens=5))
+    chunks = held.schedule().chunks
+    assert held.evicted == ["old"] and list(held.idle) == ["recent"]
     assert [chunk.conversation.conversation_id for chunk in chunks] == ["new"]
 
 
 def test_request_larger_than_the_whole_cache_is_reported_not_scheduled():
-    blocks = BlockManager(2, 4)
-    scheduler, held, _ = make_scheduler(blocks)
-    held["huge"] = conversation_with("huge", 0, tokens=9)
-    schedule = scheduler.schedule(held, step=1)
+    held = Held(BlockManager(2, 4))
+    held.add(conversation_with("huge", 0, tokens=9))
+    schedule = held.schedule()
     assert schedule.chunks == [] and [request.conversation_id for request in schedule.too_large] == ["huge"]
