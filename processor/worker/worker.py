@@ -712,8 +712,8 @@ async def poll_records(
             await asyncio.sleep(LET_THE_LOOP_RUN_SECONDS)
             while_fetching(batch)
         more = await consumer.getmany(timeout_ms=fresh_fetch_ms, max_records=max_records - count)
-        if assignment_epoch() != epoch:
-            if assignment_epoch() is not None:
+        if (now := assignment_epoch()) != epoch:
+            if now is not None:
                 for partition, records in more.items():
                     consumer.seek(partition, records[0].offset)
             return {}

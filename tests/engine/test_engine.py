@@ -3,18 +3,14 @@ schedule read, kept beside every conversation it holds (idle ones are never walk
 
 from __future__ import annotations
 
-from processor.engine import ChunkStatus, EngineConfig, GuardEngine
-from processor.engine.kv_cache import bytes_per_token
+from processor.engine import ChunkStatus
 from processor.model import load_guard_model
+from tests.engine.engines import engine_for
 
 
 def test_waiting_conversations_are_counted_as_work_comes_and_goes(tiny_model_dir):
     model = load_guard_model(tiny_model_dir, device="cpu")
-    budget = 64 * bytes_per_token(model.config, model.dtype)
-    engine = GuardEngine(
-        model,
-        EngineConfig(block_size=8, kv_cache_bytes=budget, kv_cache_dtype="float32", max_batch_tokens=16),
-    )
+    engine = engine_for(model, 64, max_batch_tokens=16)
     for name in ("a", "b", "c"):
         engine.submit(name, list(range(1000, 1004)))
     engine.submit("a", [1004, 1005])  # a second request behind the first
@@ -39,8 +35,7 @@ def test_waiting_conversations_are_counted_as_work_comes_and_goes(tiny_model_dir
 
 def test_a_full_cache_evicts_the_least_recently_used_idle_conversation(tiny_model_dir):
     model = load_guard_model(tiny_model_dir, device="cpu")
-    budget = 4 * 8 * bytes_per_token(model.config, model.dtype)  # 4 blocks of 8 tokens
-    engine = GuardEngine(model, EngineConfig(block_size=8, kv_cache_bytes=budget, kv_cache_dtype="float32"))
+    engine = engine_for(model, 32)  # 4 blocks of 8 tokens
     for name in ("a", "b", "c"):
         engine.submit(name, list(range(1000, 1008)))  # one block each
         engine.run_until_idle()

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from processor.engine import ChunkStatus, EngineConfig, GuardEngine
-from processor.engine.kv_cache import bytes_per_token
+from processor.engine import ChunkStatus
 from processor.model import load_guard_model
+from tests.engine.engines import engine_for
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,6 @@ def short_context_model(tiny_model_dir, tmp_path_factory):
     config["max_position_embeddings"] = 40
     (folder / "config.json").write_text(json.dumps(config))
     return load_guard_model(folder, device="cpu")
-
-
-def engine_for(model, tokens: int) -> GuardEngine:
-    budget = tokens * bytes_per_token(model.config, model.dtype)
-    return GuardEngine(model, EngineConfig(block_size=8, kv_cache_bytes=budget, kv_cache_dtype="float32"))
 
 
 def test_chunk_past_the_context_limit_gets_a_status_and_the_conversation_keeps_its_state(short_context_model):
