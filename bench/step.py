@@ -11,8 +11,7 @@ test: nothing here asserts a speed.
 Each code tree's worker runs in a process of its own (bench/step_server.py). With `--baseline REV`
 that revision's `processor` is unpacked beside this checkout and the two workers prepare their steps
 in turn, step by step, on the same records: a change is judged by the median of the per-step ratios,
-which the machine's minute-to-minute speed (±30% between runs of the same code here) moves far less
-than it moves either side's time.
+which the machine's minute-to-minute speed moves far less than it moves either side's time.
 
     python bench/step.py --model DIR                     # a checkpoint (guardstream make-test-model DIR)
     python bench/step.py --model DIR --baseline HEAD     # this checkout against the last commit
@@ -44,7 +43,7 @@ class StepServer:
         command += ["--conversations", str(args.conversations), "--context", str(args.context)]
         command += ["--events", str(events), "--kv-cache-dtype", kv_cache_dtype, "--seed", str(seed)]
         command += ["--attention-backend", args.attention_backend, "--template", args.template]
-        command += ["--steps", str(args.steps), "--compiled" if args.compiled else "--no-compiled"]
+        command += ["--steps", str(args.steps)]
         if args.dtype:
             command += ["--dtype", args.dtype]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -191,12 +190,6 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--template", default="chat", choices=["chat", "raw"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps per shape")
-    parser.add_argument(
-        "--compiled",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the mypyc builds of processor/compiled.py's modules, as the worker runs (trees that have it)",
-    )
     parser.add_argument(
         "--rounds", type=int, default=2, help="every shape once a round, each with fresh workers"
     )

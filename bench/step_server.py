@@ -87,13 +87,6 @@ async def serve(args: argparse.Namespace) -> None:
     from aiokafka import TopicPartition
 
     import processor
-
-    # As `guardstream worker` does by default, in trees that have it (the eleventh session's on). Checked
-    # by file: an editable install's finder would import this checkout's module into an older tree.
-    if args.compiled and (args.root / "processor" / "compiled.py").is_file():
-        from processor import compiled
-
-        compiled.activate()
     from processor.engine import AsyncGuardEngine, GuardEngine
     from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
     from processor.model import load_guard_model
@@ -101,7 +94,12 @@ async def serve(args: argparse.Namespace) -> None:
     from processor.worker.metrics import WorkerMetrics
     from processor.worker.session_store import Session
     from processor.worker.settings import WorkerSettings
-    from processor.worker.worker import Worker, engine_config
+    from processor.worker.worker import Worker
+
+    try:
+        from processor.worker.serve import engine_config
+    except ImportError:  # a --baseline revision whose worker.py still holds it
+        from processor.worker.worker import engine_config
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -138,8 +136,8 @@ async def serve(args: argparse.Namespace) -> None:
                 break
             started = time.process_time()
             await worker.prepare(batch, stop)
-            # What the worker frees during the next poll's wait (older trees free it on return): a
-            # step's work either way.
+            # What the worker frees during the next poll's wait (or on return, in trees that free it
+            # there): a step's work either way.
             getattr(worker, "release_spent", lambda: None)()
             answer({"seconds": time.process_time() - started})
     await front.close()
@@ -164,9 +162,6 @@ def main() -> int:
     parser.add_argument("--template", default="chat", choices=["chat", "raw"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--compiled", action=argparse.BooleanOptionalAction, default=True, help="mypyc builds, as the worker"
-    )
     args = parser.parse_args()
     sys.path.insert(0, str(args.root.resolve()))  # before anything imports `processor`
     asyncio.run(serve(args))

@@ -19,10 +19,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from processor.worker.events import Role, TokenEvent, VerdictEvent, parse_verdict
-
-DEFAULT_TOKENS_TOPIC = "guard.tokens"
-DEFAULT_VERDICTS_TOPIC = "guard.verdicts"
+from processor.events import (
+    DEFAULT_TOKENS_TOPIC,
+    DEFAULT_VERDICTS_TOPIC,
+    Role,
+    TokenEvent,
+    VerdictEvent,
+    parse_verdict,
+)
 
 
 class GuardProducer:

@@ -85,13 +85,18 @@ def verdicts_for(
 
 
 def single_conversation_engine(
-    model: GuardModel, length: int, chunk_size: int, all_heads: bool, kv_cache_dtype: str = "auto"
+    model: GuardModel,
+    length: int,
+    chunk_size: int,
+    all_heads: bool,
+    kv_cache_dtype: str = "auto",
+    attention_backend: str = "auto",
 ) -> GuardEngine:
     """An engine sized for one conversation of `length` tokens."""
     block_size = 16
     blocks = -(-max(length, 1) // block_size)
     # Sized in the element type the engine will store (the same resolution as its own).
-    _, cache_dtype = resolve_attention_and_cache("auto", kv_cache_dtype, model.device, model.dtype)
+    _, cache_dtype = resolve_attention_and_cache(attention_backend, kv_cache_dtype, model.device, model.dtype)
     return GuardEngine(
         model,
         EngineConfig(
@@ -100,6 +105,7 @@ def single_conversation_engine(
             max_batch_tokens=max(chunk_size, 1),
             keep_probabilities=all_heads,
             kv_cache_dtype=kv_cache_dtype,
+            attention_backend=attention_backend,
         ),
     )
 
@@ -110,15 +116,19 @@ def score_ids(
     chunk_size: int | None = None,
     all_heads: bool = False,
     kv_cache_dtype: str = "auto",
+    attention_backend: str = "auto",
 ) -> list[TokenVerdict]:
     """Per-token verdicts of a templated conversation; `chunk_size` feeds it incrementally.
-    `kv_cache_dtype` as the engine's: "auto" gives what a worker with the same setting gives."""
+    `kv_cache_dtype` and `attention_backend` as the engine's: "auto" gives what a worker with the same
+    settings gives."""
     if model.tokenizer is None:
         raise ValueError(f"{model.path} ships no tokenizer, needed to find the turns' roles")
     token_ids = list(token_ids)
     roles = roles_of(token_ids, special_token_ids(model.tokenizer))
     step = chunk_size or len(token_ids)
-    engine = single_conversation_engine(model, len(token_ids), step, all_heads, kv_cache_dtype)
+    engine = single_conversation_engine(
+        model, len(token_ids), step, all_heads, kv_cache_dtype, attention_backend
+    )
     verdicts: list[TokenVerdict] = []
     for start in range(0, len(token_ids), step):
         engine.submit("score", token_ids[start : start + step])

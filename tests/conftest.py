@@ -15,19 +15,14 @@ Folder-specific fixtures belong in that folder's own conftest.py, not here.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from processor import compiled
 from processor.local.testing import kafka_endpoint, redis_endpoint, unique_name
 
-# GUARDSTREAM_COMPILED=1: the tests run the mypyc builds of compiled.HOT_MODULES (`make test`'s second
-# pass). Activated here, before any test module imports them.
-if os.environ.get("GUARDSTREAM_COMPILED") == "1" and not compiled.activate():
-    raise RuntimeError("GUARDSTREAM_COMPILED=1, but the modules could not be compiled (see the log above)")
+SERVICE_FIXTURES = {"kafka_bootstrap", "redis_url"}
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +75,15 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     # Tests share the cores with Kafka, Redis and worker processes; one torch thread avoids OpenMP
-    # threads spinning on a descheduled peer (measured on 2 cores: ~10x faster engine steps).
+    # threads spinning on a descheduled peer, which slows engine steps many times over.
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `make test-fast` deselects `integration`: a test that starts Kafka or Redis must carry the mark.
+    for item in items:
+        uses = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("integration") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(uses))}: mark it integration")

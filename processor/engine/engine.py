@@ -34,8 +34,8 @@ class EngineConfig:
     block_size: int = 16
     # KV cache size: bytes, or (CUDA) a fraction of the free device memory at start.
     kv_cache_bytes: int | None = None
-    kv_cache_fraction: float | None = 0.6
-    max_batch_tokens: int = 2048
+    kv_cache_fraction: float | None = 0.8
+    max_batch_tokens: int = 8192
     max_batch_conversations: int = 512
     # "auto": the C paged-attention kernel on a CPU in float32 (when it builds), SDPA elsewhere.
     attention_backend: str = "auto"
@@ -92,9 +92,8 @@ class GuardEngine:
         )
         self._conversations: dict[str, Conversation] = {}
         # Those of them with work queued: what a step looks at. The engine holds every conversation
-        # whose cache it keeps (thousands of short ones in a large cache) and a step runs a few hundred:
-        # walking them all, to schedule, to say whether anything waits and for the stats, made a
-        # step's cost grow with the idle ones (bench/README.md, "Thirteenth session").
+        # whose cache it keeps (thousands of short ones in a large cache) and a step runs a few hundred,
+        # so a step never walks them all: its cost must not grow with the idle ones.
         self._waiting: dict[str, Conversation] = {}
         # The rest of them, least recently used first: what eviction takes, in that order.
         self._idle: dict[str, Conversation] = {}

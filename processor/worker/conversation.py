@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
-from processor.worker.events import TokenEvent, Verdict
+from processor.events import TokenEvent, Verdict
 from processor.worker.session_store import Session, SessionStatus
 from processor.worker.template import FedTokens, TurnState, TurnWriter
 from processor.worker.verdicts import VerdictConfig, build_verdicts, error_verdict, latency_ms

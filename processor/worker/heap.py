@@ -1,15 +1,13 @@
 """Garbage collection for a long-running hot loop: what is alive at the start is never walked again.
 
 The model, tokenizer and libraries leave hundreds of thousands to millions of long-lived objects.
-Without `gc.freeze()` every full collection walks them all (measured in the benchmark's harness, 245
-thousand objects: pauses of 80-220 ms, several a minute, stalling its producer and verdict reader),
-and a loop that allocates tens of thousands of short-lived objects a step runs many collections.
+Without `gc.freeze()` every full collection walks them all, a pause that stalls the loop, and a loop
+that allocates tens of thousands of short-lived objects a step runs many collections.
 
 A young collection walks every object allocated since the last one that is still alive, so its pause
-grows with what the loop keeps across steps: steps in flight that kept their records and plans (~13
-objects an event) made 45,000-80,000 of them, and 50-80 ms pauses every few seconds at 10,000 events/s
-(measured with `gc.callbacks`). A prepared step now keeps only what its finish needs
-(`PreparedStep`), and a 25 s run at 10,000 events/s ran no collection at all.
+grows with what the loop keeps across steps: a step in flight that kept its records and plans (about
+a dozen objects an event) would be walked again and again. A prepared step keeps only what its finish
+needs (`PreparedStep`), and the last step's records are freed during the next poll.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import gc
 from collections.abc import Iterator
 
 # Allocations between young collections (CPython's default is 700): a step allocates tens of thousands
-# of short-lived objects, and collecting that often cost a fifth of the loop's time.
+# of short-lived objects, and at the default it would run dozens of collections a step.
 GC_YOUNG_THRESHOLD = 50_000
 
 

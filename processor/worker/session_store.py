@@ -179,9 +179,9 @@ def _as_str(value: bytes | str | int | None) -> str:
 def _hash_fields(session: Session, owner: str, updated: str, stored: Session | None = None) -> list[str]:
     """field, value, ... as strings (floats as repr, so that they read back exactly): all of the
     session's, or, given the session as Redis holds it, those that differ from it, plus owner and
-    updated (memory does not track them). A step moves a few fields: writing only those took ~30% off
-    the script's time in Redis (its JSON, HSET and the append-only file scale with them), and Redis
-    shares the worker's cores (bench/README.md, "Thirteenth session")."""
+    updated (memory does not track them). A step moves a few fields, and the script's time in Redis
+    (its JSON, HSET and the append-only file) scales with the fields written; Redis may share the
+    worker's cores."""
     fields = ["owner", owner, "updated", updated]
     turns = session.turns
     if stored is None or turns != stored.turns:

@@ -9,10 +9,17 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processor.engine import EngineConfig
+from processor.engine.kv_cache import DEFAULT_CPU_CACHE_BYTES
+from processor.events import (
+    CONVERSATION_ID_MAX_LENGTH,
+    DEFAULT_TOKENS_TOPIC,
+    DEFAULT_VERDICTS_TOPIC,
+    EventLimits,
+)
 from processor.model.labels import Policy
-from processor.worker.events import CONVERSATION_ID_MAX_LENGTH, EventLimits
 
-# processor.engine.kv_cache.KV_CACHE_DTYPES and "auto" (named here without importing torch).
+# processor.engine.kv_cache.KV_CACHE_DTYPES and "auto", as a type that lists the flag's choices.
 KvCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -21,6 +28,9 @@ def _default_worker_id() -> str:
 
 
 class WorkerSettings(BaseSettings):
+    """A default that belongs to the engine (EngineConfig) or to event decoding (EventLimits) is read
+    from there, not restated."""
+
     model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
 
     # Where things are.
@@ -41,8 +51,8 @@ class WorkerSettings(BaseSettings):
     )
 
     # Topics and group.
-    tokens_topic: str = "guard.tokens"
-    verdicts_topic: str = "guard.verdicts"
+    tokens_topic: str = DEFAULT_TOKENS_TOPIC
+    verdicts_topic: str = DEFAULT_VERDICTS_TOPIC
     dlq_topic: str = "guard.dlq"
     group_id: str = "guardstream"
     partitions: int = Field(default=12, ge=1, description="Partitions of topics the worker creates.")
@@ -70,78 +80,78 @@ class WorkerSettings(BaseSettings):
     http_port: int = Field(
         default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 disables."
     )
-    worker_id: str = Field(default_factory=_default_worker_id)
-    kv_cache_bytes: int | None = Field(
-        default=None, ge=1, description="KV cache size in bytes; overrides the fraction (CPU default: 1 GiB)."
+    worker_id: str = Field(
+        default_factory=_default_worker_id,
+        description="Names this worker in its Kafka client id, dead letters and session ownership "
+        "(default: the host name and a random suffix).",
     )
-    compiled: bool = Field(
-        default=True,
-        description="Run the hot pure-Python modules (planning, template, verdicts, the engine's "
-        "scheduling) compiled with mypyc, built on first start into a cache (~30 s, once per code "
-        "version; `python -m processor.compiled` builds it ahead): a step's preparation 8-17% less CPU. "
-        "Without mypy or a C compiler the worker says so and runs them interpreted.",
+    kv_cache_bytes: int | None = Field(
+        default=EngineConfig.kv_cache_bytes,
+        ge=1,
+        description="KV cache size in bytes; overrides the fraction "
+        f"(CPU default: {DEFAULT_CPU_CACHE_BYTES >> 30} GiB).",
     )
     cpu_threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch threads on a CPU device (default: half the cores). The worker shares the "
-        "cores with its Kafka and Redis I/O; measured on 2 cores under load, 1 thread ran a step ~10x "
-        "faster than 2.",
+        description="torch threads on a CPU device (default: half the cores). The worker's Kafka and Redis "
+        "I/O runs on the same cores, and torch threads on all of them contend with it.",
     )
     kv_cache_fraction: float = Field(
-        default=0.8,
+        default=EngineConfig.kv_cache_fraction,
         gt=0,
         le=1,
         description="Share of free GPU memory for the KV cache after the model loads.",
     )
-    attention_backend: Literal["auto", "sdpa", "flex", "paged_cpu"] = Field(
-        default="auto",
+    attention_backend: Literal["auto", "sdpa", "flex", "paged_cpu", "triton"] = Field(
+        default=EngineConfig.attention_backend,
         description="auto: the C paged-attention kernel on a CPU in float32 (built with the machine's "
-        "C compiler on first start; SDPA without one), SDPA on a GPU.",
+        "C compiler on first start; SDPA without one), SDPA on a GPU. triton: our Triton paged-attention "
+        "kernel (CUDA; opt-in until a GPU run has checked it).",
     )
     kv_cache_dtype: KvCacheDtype = Field(
-        default="auto",
-        description="How keys and values are stored. auto: float16 where the C kernel does the "
-        "attention (a CPU model in float32), as llama.cpp stores a CPU model's cache; the model's dtype "
-        "elsewhere. float16 halves the cache's bytes: twice the tokens per byte, and the kernel's "
-        "attention 35-40% faster in streaming steps; each key and value is rounded once "
-        "(probabilities moved by up to 3e-4 on the test models). float32: exact on a CPU. bfloat16: "
-        "2e-3, and the kernel cannot read it (SDPA).",
+        default=EngineConfig.kv_cache_dtype,
+        description="How keys and values are stored. auto: float16 where the C kernel does the attention "
+        "(halves the bytes it reads, each value rounded once), the model's dtype elsewhere; float32 is "
+        "exact, and the C kernel cannot read bfloat16.",
     )
-    max_batch_tokens: int = Field(default=8192, ge=1)
-    max_batch_conversations: int = Field(default=512, ge=1)
+    max_batch_tokens: int = Field(
+        default=EngineConfig.max_batch_tokens, ge=1, description="Tokens one engine step runs at most."
+    )
+    max_batch_conversations: int = Field(
+        default=EngineConfig.max_batch_conversations,
+        ge=1,
+        description="Conversations one engine step runs at most.",
+    )
     poll_max_records: int = Field(default=2000, ge=1, description="Records per consumer poll (one step).")
     poll_timeout_ms: int = Field(default=5, ge=0)
     fresh_fetch_ms: int = Field(
         default=5,
         ge=0,
-        description="After a poll that returned records, wait up to this long for the fetch its drain "
-        "sets off, and add what it brings to the step. The consumer fetches a partition again only once "
-        "its buffered records are drained, so without it the records that arrived during the last step "
-        "wait for the next one (measured at 10,000 events/s: an event's age when decoded p50 43-73 -> "
-        "24-53 ms, end to end p50 87 -> 69 ms on average). 0: one poll a step.",
+        description="After a poll, wait up to this long for the fetch its drain sets off, so that records "
+        "that arrived during the last step join this one instead of waiting a step more. 0: one poll a step.",
     )
     step_interval_ms: int = Field(
         default=0,
         ge=0,
-        description="Least time between the starts of two steps. 0: a step starts as soon as anything "
-        "waits, which at low load means many tiny steps, each paying a step's fixed cost (measured: "
-        "~0.8 of a core at 1,000 events/s on the tiny model); 10-20 ms gathers more events a step for "
-        "a few ms of latency. Inert under load, where steps take longer than this.",
+        description="Least time between the starts of two steps: at low load, fewer and larger steps, "
+        "each paying a step's fixed cost once, for a few ms of latency. 0: a step starts as soon as "
+        "anything waits.",
     )
     steps_in_flight: int = Field(
         default=3,
         ge=1,
-        description="Steps publishing, saving and committing at most, counting the one just prepared (the "
-        "next is prepared while one fewer are). Under load a step's finish (broker acks, Redis, commit) "
-        "outlasts its preparation: 3 measured better than 2.",
+        description="Steps publishing, saving and committing at most, counting the one just prepared. "
+        "Under load a step's finish (broker acks, Redis, commit) outlasts the next step's preparation.",
     )
 
-    # Limits on input (issue 6: hostile input must not exhaust anything).
-    max_record_bytes: int = Field(default=1_048_576, ge=64)
-    max_tokens_per_event: int = Field(default=4096, ge=1)
-    max_text_chars: int = Field(default=65_536, ge=1)
-    max_conversation_id_length: int = Field(default=128, ge=1, le=CONVERSATION_ID_MAX_LENGTH)
+    # Limits on input: hostile input must not exhaust anything.
+    max_record_bytes: int = Field(default=EventLimits.max_record_bytes, ge=64)
+    max_tokens_per_event: int = Field(default=EventLimits.max_tokens_per_event, ge=1)
+    max_text_chars: int = Field(default=EventLimits.max_text_chars, ge=1)
+    max_conversation_id_length: int = Field(
+        default=EventLimits.max_conversation_id_length, ge=1, le=CONVERSATION_ID_MAX_LENGTH
+    )
     max_conversations: int = Field(default=100_000, ge=1, description="Open conversations one worker holds.")
 
     # Kafka security, passed through to aiokafka.

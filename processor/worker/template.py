@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from processor.worker.events import Role, TokenEvent
+from processor.events import Role, TokenEvent
 
 if TYPE_CHECKING:
     from processor.model.tokenizer import SpecialTokenIds

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, get_args
 
 from processor.engine.results import ChunkResult, HeadLabels
+from processor.events import Role, TokenEvent, Verdict, VerdictKind
 from processor.model.labels import SAFE, LabelMaps, Policy, apply_policy, is_flagged
-from processor.worker.events import Role, TokenEvent, Verdict, VerdictKind
 from processor.worker.template import ClosedTurn, FedTokens
 
 VerdictMode = Literal["tokens", "changes", "turns"]

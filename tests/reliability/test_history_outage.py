@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine
+from processor.events import TokenEvent
 from processor.worker.conversation import Incoming, plan_conversation
-from processor.worker.events import TokenEvent
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.session_store import Session, SessionStore
 from processor.worker.settings import WorkerSettings
@@ -55,6 +55,7 @@ async def test_unreachable_redis_fails_the_step(model, redis_prefix):
         await worker.front.close()
 
 
+@pytest.mark.integration
 async def test_history_gone_closes_the_conversation(model, redis_url, redis_prefix):
     worker = worker_with(model, redis_url, redis_prefix)  # Redis answers; the history is not there
     try:

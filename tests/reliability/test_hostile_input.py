@@ -20,16 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import SSLConnection
 
-from processor.local.process import spawn, stop
-from processor.local.redis import ping
-from processor.worker.events import (
+from processor.events import (
     BadTokenEvent,
     EventLimits,
     TokenEvent,
     decode_token_event,
 )
+from processor.local.process import spawn, stop
+from processor.local.redis import ping
+from processor.worker.serve import ensure_topics
 from processor.worker.settings import WorkerSettings
-from processor.worker.worker import ensure_topics
 from tests.worker.harness import collect, running_worker, worker_settings
 
 from .load import Received, StreamedConversation, check_delivery

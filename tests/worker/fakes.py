@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiokafka import TopicPartition
 
 from processor.engine.results import ChunkResult, HeadLabels
+from processor.events import Verdict, VerdictEvent, parse_verdict, verdict_json
 from processor.model.labels import LabelMaps
 from processor.model.testmodel import CATEGORY_LABELS, QUERY_CATEGORY_LABELS, RISK_LEVEL_LABELS
-from processor.worker.events import Verdict, VerdictEvent, parse_verdict, verdict_json
 
 # The published checkpoints' label maps, as the test checkpoints write them.
 LABELS = LabelMaps(

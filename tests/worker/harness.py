@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
+from processor.events import VerdictEvent, parse_verdict
 from processor.model import GuardModel
 from processor.score import score_ids
-from processor.worker.events import VerdictEvent, parse_verdict
+from processor.worker.serve import ensure_topics, serve
 from processor.worker.settings import WorkerSettings
-from processor.worker.worker import ensure_topics, serve
 
 
 def worker_settings(kafka_bootstrap: str, redis_url: str, topic_prefix: str, redis_prefix: str, **overrides):
@@ -51,6 +52,24 @@ async def running_worker(settings: WorkerSettings, model: GuardModel) -> AsyncIt
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
+
+
+async def wait_for_group(kafka_bootstrap: str, group_id: str, members: int, timeout: float = 30) -> None:
+    """Until the consumer group is Stable with `members` members, so each has its partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            [response] = await admin.describe_consumer_groups([group_id])
+            _, _, state, _, _, joined, *_ = response.groups[0]
+            if state == "Stable" and len(joined) == members:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"group {group_id}: {state} with {len(joined)} of {members} members")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
 
 
 @dataclass

@@ -7,9 +7,9 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from processor.events import TokenEvent
 from processor.model.labels import Policy
 from processor.worker.conversation import Incoming, finish_conversation, plan_conversation
-from processor.worker.events import TokenEvent
 from processor.worker.session_store import Session
 from processor.worker.template import TurnWriter
 from processor.worker.text import IncrementalTokenizer

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from processor.worker import schemas
-from processor.worker.events import BadTokenEvent, EventLimits, decode_token_event, decode_token_events
+from processor import schemas
+from processor.events import BadTokenEvent, EventLimits, decode_token_event, decode_token_events
 
 LIMITS = EventLimits(
     max_tokens_per_event=4, max_text_chars=10, max_conversation_id_length=12, vocab_size=1000
@@ -102,9 +102,7 @@ def test_text_without_tokenizer_refused():
 def test_schema_files_are_current():
     for file_name, model in schemas.SCHEMA_FILES.items():
         on_disk = (schemas.SCHEMA_DIR / file_name).read_text()
-        assert on_disk == schemas.render_schema(model), (
-            f"run `python -m processor.worker.schemas` ({file_name})"
-        )
+        assert on_disk == schemas.render_schema(model), f"run `python -m processor.schemas` ({file_name})"
 
 
 def test_turn_control_ids_refused_where_the_worker_writes_the_template():

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from aiokafka import TopicPartition
 
-from processor.worker.worker import poll_records
+from processor.worker.fetch import poll_records
 
 from .fakes import ScriptedConsumer
 

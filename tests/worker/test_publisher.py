@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 
 from processor.worker.publisher import BatchPublisher
+
+pytestmark = pytest.mark.integration
 
 
 async def create_topic(kafka_bootstrap: str, name: str, partitions: int) -> None:

@@ -70,6 +70,7 @@ def test_a_step_writes_the_fields_it_moved_and_who_wrote_it_when():
     ]
 
 
+@pytest.mark.integration
 async def test_every_write_leaves_the_hash_a_full_write_would(redis_url, redis_prefix):
     """The write applies only on top of the session it started from (its next_seq is checked), so the
     fields it leaves out hold their values: after each step of a conversation's life the hash is

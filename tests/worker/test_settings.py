@@ -6,7 +6,9 @@ import logging
 
 import pytest
 
-from processor.worker.commands import build_worker_settings, register
+from processor.cli.worker import build_worker_settings, register
+from processor.engine import EngineConfig
+from processor.worker.serve import engine_config
 from processor.worker.settings import WorkerSettings, redact_url
 
 
@@ -29,17 +31,24 @@ def test_flags_override_environment(monkeypatch):
     assert settings.partitions == 5 and settings.template == "raw" and settings.kafka_bootstrap == "k:1"
 
 
-def test_worker_help_lists_every_setting(capsys):
-    """argparse %-formats help texts: a description with a literal % once broke `worker --help`."""
+def test_worker_help_lists_every_setting_and_its_default(capsys, monkeypatch):
+    """argparse %-formats help texts: a literal % in a description must not break `worker --help`."""
     from processor.cli import build_parser
 
+    field = WorkerSettings.model_fields["kv_cache_fraction"]
+    monkeypatch.setattr(field, "description", "Share of free GPU memory (80% is 0.8).")
     with pytest.raises(SystemExit) as exited:
         build_parser("worker").parse_args(["worker", "--help"])
     assert exited.value.code == 0
-    shown = capsys.readouterr().out
+    shown = " ".join(capsys.readouterr().out.split())
     for name in WorkerSettings.model_fields:
         assert f"--{name.replace('_', '-')}" in shown, name
-    assert "35-40% faster" in shown  # the kv-cache-dtype text, % and all
+    assert "(80% is 0.8)" in shown
+    assert f"Tokens one engine step runs at most. (default: {EngineConfig.max_batch_tokens})" in shown
+
+
+def test_engine_defaults_are_the_engine_configs():
+    assert engine_config(WorkerSettings()) == EngineConfig()
 
 
 def test_secrets_never_logged(caplog):
@@ -68,8 +77,6 @@ def test_redact_url():
 
 
 def test_attention_backend_and_cache_dtype_reach_the_engine_config(monkeypatch):
-    from processor.worker.worker import engine_config
-
     assert engine_config(WorkerSettings()).attention_backend == "auto"
     assert engine_config(WorkerSettings()).kv_cache_dtype == "auto"
     monkeypatch.setenv("GUARDSTREAM_ATTENTION_BACKEND", "sdpa")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from processor.worker.events import TokenEvent
+from processor.events import TokenEvent
 from processor.worker.template import TurnState, TurnWriter, render_conversation
 from processor.worker.text import IncrementalTokenizer
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from processor.events import TokenEvent
 from processor.model.labels import Policy
-from processor.worker.events import TokenEvent
 from processor.worker.template import TurnState, TurnWriter
 from processor.worker.text import IncrementalTokenizer
 from processor.worker.verdicts import VerdictConfig, VerdictState, build_verdicts, latency_ms

@@ -12,11 +12,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from processor.client import GuardProducer
+from processor.events import parse_verdict
 from processor.model import load_guard_model
 from processor.model.testmodel import write_test_model
 from processor.model.tokenizer import special_token_ids
 from processor.score import score_ids
-from processor.worker.events import parse_verdict
 from processor.worker.session_store import SessionStore, unpack_token_ids
 from processor.worker.template import render_conversation
 
@@ -27,6 +27,7 @@ from .harness import (
     running_worker,
     send_raw,
     streamed_token_labels,
+    wait_for_group,
     worker_settings,
 )
 
@@ -437,7 +438,7 @@ async def test_two_workers_split_the_partitions(tiny_model, settings, redis_url,
         f"split-{i}": encode_turns(tiny_model, CONVERSATIONS[i % len(CONVERSATIONS)]) for i in range(12)
     }
     async with running_worker(first, tiny_model), running_worker(second, tiny_model):
-        await asyncio.sleep(4)  # let both join before the events arrive
+        await wait_for_group(first.kafka_bootstrap, first.group_id, members=2)
         async with GuardProducer(first.kafka_bootstrap, first.tokens_topic) as producer:
             await stream_interleaved(producer, conversations, text=False, seed=3)
         collected = await collect(

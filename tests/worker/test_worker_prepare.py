@@ -14,11 +14,13 @@ from aiokafka import TopicPartition
 
 from processor.engine import AsyncGuardEngine, GuardEngine
 from processor.model import load_guard_model
-from processor.worker import worker as worker_module
+from processor.worker import prepare as prepare_module
 from processor.worker.metrics import WorkerMetrics
+from processor.worker.prepare import StepCounts
+from processor.worker.serve import engine_config
 from processor.worker.session_store import Session
 from processor.worker.settings import WorkerSettings
-from processor.worker.worker import StepCounts, Worker, engine_config
+from processor.worker.worker import Worker
 
 from .fakes import ScriptedConsumer
 
@@ -219,13 +221,13 @@ async def test_a_plan_made_during_the_poll_is_kept_only_while_its_session_and_ev
     more = {TOPIC: [token_event("b", 1, 13)]}
     worker, front = tiny_worker(tiny_model_dir, ScriptedConsumer(first, more, assigned={TOPIC}), "abc")
     planned: list[str] = []
-    plan = worker_module.plan_conversation
+    plan = prepare_module.plan_conversation
 
     def counted(session, items, *rest):
         planned.append(session.conversation_id)
         return plan(session, items, *rest)
 
-    monkeypatch.setattr(worker_module, "plan_conversation", counted)
+    monkeypatch.setattr(prepare_module, "plan_conversation", counted)
     try:
         batch, ahead = await worker.poll()
         assert ahead is not None and sorted(planned) == ["a", "b", "c"]

@@ -1,4 +1,4 @@
-"""Writes `schemas/*.schema.json` from the event models: `python -m processor.worker.schemas`."""
+"""Writes `schemas/*.schema.json` from the wire schema's models: `python -m processor.schemas`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from processor.worker.events import TokenEvent, VerdictEvent
+from processor.events import TokenEvent, VerdictEvent
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 SCHEMA_FILES: dict[str, type] = {
     "token_event.schema.json": TokenEvent,
     "verdict_event.schema.json": VerdictEvent,

@@ -1,7 +1,8 @@
-"""The two event types on the wire (token events in, verdict events out) and the token-event decoder.
+"""The wire schema: token events in, verdict events out, their default topics, and their decoding.
 
-The pydantic models are the contract: `schemas/*.json` is generated from them (`python -m
-processor.worker.schemas`) and a test keeps the files equal to the models.
+Neutral ground for everything that speaks to the topics (the worker, the client, a gateway). The
+pydantic models are the contract: `schemas/*.json` is generated from them (`python -m processor.schemas`)
+and a test keeps the files equal to the models.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, Json, TypeAdapter, ValidationError, model_validator
+
+DEFAULT_TOKENS_TOPIC = "guard.tokens"
+DEFAULT_VERDICTS_TOPIC = "guard.verdicts"
 
 Role = Literal["user", "assistant"]
 VerdictKind = Literal["tokens", "prompt", "turn_end", "conversation_end", "error"]
@@ -60,9 +64,10 @@ class TokenEvent(BaseModel):
 
 # The verdict contract is these stdlib dataclasses, validated and serialized by pydantic (VERDICT_EVENTS):
 # they make the schema and are what readers get from `parse_verdict`. The worker itself builds tens of
-# thousands a second and writes them as plain dicts of the same fields (`Verdict`, see verdicts.py),
-# serialized by orjson: building a dataclass and dumping it through pydantic cost ~6 us a verdict, a dict
-# and orjson ~1 us. Tests validate what the worker builds against VERDICT_EVENTS.
+# thousands a second and writes them as plain dicts of the same fields (`Verdict`, see
+# processor/worker/verdicts.py), serialized by orjson: a dict and orjson skip the dataclass construction
+# and pydantic's serializer, several times cheaper a verdict. Tests validate what the worker builds
+# against VERDICT_EVENTS.
 @dataclass(slots=True, kw_only=True)
 class TokenVerdict:
     """One listed token's labels; category is null when the risk level is Safe."""
@@ -157,7 +162,7 @@ def decode_token_event(key: bytes | None, value: bytes | None, limits: EventLimi
     return _checked(event, key, limits)
 
 
-# Every record of a batch parsed in one pydantic call: ~2.1 us a record instead of ~3.0. Each value is
+# Every record of a batch parsed in one pydantic call, saving a call's fixed cost per record. Each value is
 # parsed as a JSON document of its own (Json[...]), so no record can run into its neighbour.
 _TOKEN_EVENT_BATCH = TypeAdapter(list[Json[TokenEvent]])
 

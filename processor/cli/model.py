@@ -1,4 +1,4 @@
-"""`guardstream make-test-model` and `guardstream score`."""
+"""`guardstream make-test-model` and `guardstream score`: a test checkpoint; a conversation offline."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="as the worker's (auto: float16 where the C kernel runs, the model's dtype elsewhere), so "
         "that score gives a worker's numbers; float32: exact",
     )
+    score.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="auto, sdpa, flex, paged_cpu or triton, as the worker's (auto: the C kernel on a CPU in "
+        "float32, SDPA elsewhere; triton: CUDA, or a CPU under TRITON_INTERPRET=1)",
+    )
     score.set_defaults(handler=score_command)
 
 
@@ -78,6 +84,7 @@ def score_command(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         all_heads=args.all_heads,
         kv_cache_dtype=args.kv_cache_dtype,
+        attention_backend=args.attention_backend,
     )
     for verdict in verdicts:
         print(json.dumps(verdict.as_json()))

@@ -1,35 +1,22 @@
-"""`guardstream worker`, `guardstream produce` and `guardstream verdicts`."""
+"""`guardstream produce` and `guardstream verdicts`: a conversation onto the tokens topic, verdicts off
+the verdicts topic."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import enum
 import functools
 import json
-import logging
-import signal
 import sys
-import typing
 import uuid
 from pathlib import Path
 
-from pydantic import SecretStr
-
+from processor.events import DEFAULT_TOKENS_TOPIC, DEFAULT_VERDICTS_TOPIC
 from processor.worker.settings import WorkerSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    worker = subparsers.add_parser(
-        "worker",
-        help="consume token events from Kafka, publish verdicts, keep sessions in Redis",
-        description="Every flag can also be set as GUARDSTREAM_<FLAG> (e.g. GUARDSTREAM_KAFKA_BOOTSTRAP).",
-    )
-    _add_settings_flags(worker)
-    worker.add_argument("--log-level", default="INFO")
-    worker.set_defaults(handler=worker_command)
-
     produce = subparsers.add_parser(
         "produce", help="stream a conversation from a messages file, like an LLM would, as token events"
     )
@@ -39,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help='JSON {"messages": [{"role": "user"|"assistant", "content": str}]}, or the bare list',
     )
     produce.add_argument("--kafka-bootstrap", help="default: GUARDSTREAM_KAFKA_BOOTSTRAP or localhost:9092")
-    produce.add_argument("--tokens-topic", help="default: guard.tokens")
+    produce.add_argument("--tokens-topic", help=f"default: {DEFAULT_TOKENS_TOPIC}")
     produce.add_argument("--model", help="checkpoint folder whose tokenizer turns content into ids")
     produce.add_argument("--conversation-id", default=None, help="default: a random id")
     produce.add_argument("--chunk", type=int, default=1, help="tokens (or with --text, characters) per event")
@@ -51,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     verdicts = subparsers.add_parser("verdicts", help="show verdict events, tokens colored by risk level")
     verdicts.add_argument("--kafka-bootstrap", help="default: GUARDSTREAM_KAFKA_BOOTSTRAP or localhost:9092")
-    verdicts.add_argument("--verdicts-topic", help="default: guard.verdicts")
+    verdicts.add_argument("--verdicts-topic", help=f"default: {DEFAULT_VERDICTS_TOPIC}")
     verdicts.add_argument("--conversation-id", action="append", help="only these conversations (repeatable)")
     verdicts.add_argument("--model", help="checkpoint folder whose tokenizer shows token text")
     verdicts.add_argument("--follow", action="store_true", help="keep waiting for new verdicts")
@@ -60,64 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verdicts.set_defaults(handler=verdicts_command)
 
 
-# -- worker ---------------------------------------------------------------------------------------
-
-
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per WorkerSettings field; unset flags leave the environment (or default) in charge."""
-    for name, field in WorkerSettings.model_fields.items():
-        # argparse %-formats help texts: a literal % in a description must reach it doubled.
-        described = field.description and field.description.replace("%", "%%")
-        options: dict[str, typing.Any] = {"default": argparse.SUPPRESS, "help": described}
-        choices = _choices(field.annotation)
-        if choices:
-            options["choices"] = choices
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, **options)
-
-
-def _choices(annotation: typing.Any) -> list[str] | None:
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return [member.value for member in annotation]
-    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    if typing.get_origin(annotation) is typing.Literal:
-        return [str(arg) for arg in args]
-    if len(args) == 1 and annotation is not SecretStr:
-        return _choices(args[0])
-    return None
-
-
-def build_worker_settings(args: argparse.Namespace) -> WorkerSettings:
-    flags = {name: getattr(args, name) for name in WorkerSettings.model_fields if hasattr(args, name)}
-    return WorkerSettings(**flags)
-
-
-def worker_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = build_worker_settings(args)
-    if not settings.model:
-        print("guardstream worker: --model (or GUARDSTREAM_MODEL) is required", file=sys.stderr)
-        return 2
-    if settings.compiled:
-        from processor import compiled
-
-        compiled.activate()  # before the worker's modules are imported: they are what it compiles
-    from processor.worker.worker import serve
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            # Finish the step in flight, publish, commit, then leave the group.
-            loop.add_signal_handler(signum, stop.set)
-        await serve(settings, stop=stop)
-
-    asyncio.run(main())
-    return 0
-
-
-# -- produce --------------------------------------------------------------------------------------
+# -- produce ---------------------------------------------------------------------------------------
 
 
 def produce_command(args: argparse.Namespace) -> int:
@@ -166,7 +96,7 @@ def _chunks(items, size):
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-# -- verdicts -------------------------------------------------------------------------------------
+# -- verdicts --------------------------------------------------------------------------------------
 
 _COLORS = {"Safe": "\033[32m", "Controversial": "\033[33m", "Unsafe": "\033[31m"}
 _BOLD, _RESET = "\033[1m", "\033[0m"
@@ -190,7 +120,7 @@ def verdicts_command(args: argparse.Namespace) -> int:
 
 async def _show_verdicts(args, bootstrap, topic, decode, color) -> None:
     from processor.client import read_verdicts
-    from processor.worker.events import VERDICT_EVENTS
+    from processor.events import VERDICT_EVENTS
 
     stream = read_verdicts(
         bootstrap, topic, conversation_ids=args.conversation_id, from_beginning=not args.from_latest

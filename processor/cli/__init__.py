@@ -1,4 +1,4 @@
-"""The `guardstream` command: one entry point, each subcommand defined next to the code it drives."""
+"""The `guardstream` command: one entry point, a module per area registering its subcommands."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import sys
 # Subcommand -> the module that registers it (`register(subparsers)`). Only the module of the command
 # being run is imported, so `guardstream local up` does not pay for importing torch.
 COMMAND_MODULES = {
-    "local": "processor.local.commands",
-    "make-test-model": "processor.model.commands",
-    "score": "processor.model.commands",
-    "worker": "processor.worker.commands",
-    "produce": "processor.worker.commands",
-    "verdicts": "processor.worker.commands",
+    "local": "processor.cli.local",
+    "make-test-model": "processor.cli.model",
+    "score": "processor.cli.model",
+    "worker": "processor.cli.worker",
+    "produce": "processor.cli.client",
+    "verdicts": "processor.cli.client",
 }
 
 
@@ -35,7 +35,3 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.handler(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
