@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 STATE_DIR ?= .guardstream
 
-.PHONY: setup test lint demo bench up down status
+.PHONY: setup test test-fast lint demo bench up down status
 
 setup: $(STAMP)
 
@@ -16,22 +16,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-# The suite twice: the modules processor/compiled.py compiles imported as source, then compiled (as
-# `guardstream worker` runs them). Their build first, so that no test waits for it.
+# The whole suite; it starts a real Kafka and Redis itself (processor/local).
 test: setup
-	$(BIN)/python -m processor.compiled
 	$(BIN)/pytest -q tests
-	GUARDSTREAM_COMPILED=1 $(BIN)/pytest -q tests
 
+# The tests that need no Kafka or Redis.
+test-fast: setup
+	$(BIN)/pytest -q -m "not integration" tests
+
+# What review checks: lint, formatting, and the one-way imports between packages (pyproject.toml).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 demo: setup
-	$(BIN)/python -m processor.compiled
 	PATH="$(abspath $(BIN)):$$PATH" STATE_DIR="$(STATE_DIR)" bash scripts/demo.sh
 
 # The CPU benchmarks behind README's figures; each prints a table and writes JSON under bench/results/.
-# GPU (one lent machine, one call): `bash bench/gpu_session.sh OUT_DIR` (see README, "On a GPU").
+# GPU (one lent machine, one call): `bash bench/gpu_session.sh OUT_DIR` (docs/gpu.md).
 BENCH_MODEL := $(STATE_DIR)/models/test-tiny
 bench: setup
 	PYTHONPATH="$(CURDIR)" $(BIN)/python bench/engine.py --size small --threads 1

@@ -1,5 +1,5 @@
-"""Native code built on first use (the CPU attention kernel, the compiled modules): where builds are
-cached, and running the tools that make them."""
+"""Native code built on first use (the CPU attention kernel): where builds are cached, and running the
+tools that make them."""
 
 from __future__ import annotations
 
