@@ -124,9 +124,8 @@ def steady_rate(
     """Token verdicts received per second in the send window after its first fifth (warm-up).
 
     What the worker kept up with: the offered rate when it kept pace, its own rate when it fell behind.
-    Answered / time to the last verdict (the older figure, kept as `answered_per_s_to_last_verdict`)
-    counts the last events' latency against the rate: a worker answering everything 150 ms after it
-    was sent reads 19,800/s at 20,000 offered for 15 s, and can never read the rate it was offered."""
+    Answered / time to the last verdict (`answered_per_s_to_last_verdict`) counts the last events'
+    latency against the rate, so even a worker that keeps pace never reads the rate it was offered."""
     begin, end = started + send_seconds / 5, started + send_seconds
     if end <= begin:
         return None
@@ -145,7 +144,7 @@ def latency_by_second(sent_times: list[float], latencies: list[float], started: 
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:
-    """A phase's topics, once measured: runs of this benchmark wrote gigabytes that nothing read again."""
+    """A phase's topics, once measured: a run writes gigabytes that nothing reads again."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -185,7 +184,8 @@ def user_turn(conversation_id: str) -> bytes:
 
 
 def assistant_token(conversation_id: str, seq: int, token: int, ts: float) -> bytes:
-    """One assistant token event, formatted by hand: ~1.6 us against ~8 us for json.dumps (2-core box)."""
+    """One assistant token event, formatted by hand: a fraction of json.dumps's cost, and the generator
+    shares the worker's cores."""
     return (
         f'{{"conversation_id":"{conversation_id}","seq":{seq},"role":"assistant",'
         f'"token_ids":[{token}],"ts":{ts!r}}}'
@@ -310,8 +310,8 @@ class Tally:
 
 class Acknowledgements:
     """The generator's produce acknowledgements still outstanding. Futures are dropped as they
-    complete: keeping every batch's future to the end held ~14,000 objects in a 25 s run at
-    10,000/s, which each young garbage collection walked (30-40 ms pauses of the generator)."""
+    complete: keeping every batch's future to the end would leave thousands of objects for each
+    young garbage collection to walk, pausing the generator."""
 
     def __init__(self) -> None:
         self._pending: set[asyncio.Future] = set()
@@ -366,7 +366,7 @@ class VerdictReader:
             now = time.time()
             for records in batch.values():
                 for record in records:
-                    verdict = from_json(record.value)  # Rust parser: 3 us here against 10 for json.loads
+                    verdict = from_json(record.value)  # Rust parser: cheaper than json.loads
                     conversation_id = verdict["conversation_id"]
                     tally = tallies.get(conversation_id)
                     if tally is None:
@@ -913,8 +913,8 @@ async def main_async(args, rates: list[float]) -> dict:
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-services-")))
             bootstrap = bootstrap or kafka_endpoint(stack, state)
             redis_url = redis_url or redis_endpoint(stack, state)
-        # As in the worker: a full collection walking the libraries' objects paused this process for
-        # 80-220 ms several times a minute, which delayed sends and reads and counted as latency.
+        # As in the worker: a full collection walking the libraries' objects pauses this process,
+        # which delays sends and reads and counts as latency.
         stack.enter_context(long_lived_heap_frozen())
         raw = None
         if args.raw_events:

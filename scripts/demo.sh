@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: local Kafka and Redis, a model, one worker, the shared notes' example conversation
+# `make demo`: local Kafka and Redis, a model, one worker, examples/conversation.json
 # streamed token by token like an LLM would, and its verdicts shown live; everything stopped after.
 # Expects `guardstream` on PATH (the Makefile puts .venv/bin first).
 set -euo pipefail

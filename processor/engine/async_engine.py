@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 
 # Steps expected to take less CPU than this run on the event loop's own thread. On the engine thread a
 # short step pays more for the hand-off than it costs: every torch op releases and re-takes the GIL,
-# and each re-take waits while the loop runs Python (measured, tiny model on CPU with the worker busy:
-# 9 ms of CPU took 24-31 ms of wall time on the thread, 5 ms inline, and verdict latency fell by a
-# third). Longer steps go to the thread, so that the loop keeps serving Kafka heartbeats and I/O.
+# and each re-take waits while the loop runs Python. Longer steps go to the thread, so that the loop
+# keeps serving Kafka heartbeats and I/O (figures in docs/benchmarks.md).
 INLINE_STEP_SECONDS = 0.050
 
 

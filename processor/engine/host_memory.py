@@ -2,9 +2,8 @@
 
 A CPU step allocates tens of MB of temporaries (each layer's gathered keys and values, attention
 scratch). With glibc's defaults, large blocks come from fresh mmap()s and freed heap tops go back to
-the OS, so every step page-faults its buffers in again: measured at 200 conversations x 9 tokens over
-500-token contexts (tiny model, one thread), that was half the step (130-150 ms -> 68 ms with the
-settings below). Fixed thresholds keep freed memory in the process for the next step; the price is
+the OS, so every step page-faults its buffers in again, which can cost as much as the step's compute
+(docs/benchmarks.md). Fixed thresholds keep freed memory in the process for the next step; the price is
 that the process stays at its peak size. PyTorch's CUDA caching allocator already reuses device
 memory; only host allocations are concerned.
 """

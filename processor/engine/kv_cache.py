@@ -27,11 +27,10 @@ def resolve_kv_cache_dtype(
     auto: float16 where the C kernel reads it (a CPU model in float32, the kernel built with
     _Float16), as llama.cpp stores a CPU model's cache by default; the model's dtype elsewhere. The
     kernel's attention reads every cached key and value of a conversation for each new token, and
-    that read is most of its time in a worker's streaming steps: float16 halves it (-35-40% kernel
-    time, `bench/kernel.py`) and a budget holds twice the tokens. The price is each key and value
-    rounded once to 11 bits: probabilities move by up to 3e-4 on the test models, and the labels of
-    36,000 streamed tokens were identical on one and differed at 4 near-ties on the other. "float32"
-    keeps the cache exact.
+    that read is most of its time in a worker's streaming steps: float16 halves it, and a budget
+    holds twice the tokens. The price is each key and value rounded once to 11 bits, which moves
+    probabilities by up to ~3e-4 on the test models and can flip a near-tie label (docs/benchmarks.md).
+    "float32" keeps the cache exact.
     """
     if name == "auto":
         if attention_backend == "paged_cpu" and model_dtype == torch.float32 and _kernel_reads_float16():

@@ -14,7 +14,8 @@ from processor.engine.sequence import ChunkRequest, Conversation
 
 
 # Not frozen, and its derived fields computed once: one is built per conversation per step, and read
-# several times by the runner and the engine (a frozen dataclass's __init__ costs ~2x).
+# several times by the runner and the engine (a frozen dataclass's __init__ sets each field through
+# object.__setattr__).
 @dataclass(slots=True)
 class ScheduledChunk:
     """`length` tokens of `request`, from its index `offset`, run in this step."""

@@ -42,9 +42,8 @@ KAFKA_VERSION = os.environ.get("GUARDSTREAM_KAFKA_VERSION", "4.4.0")
 LOG4J_VERSION = "2.25.5"
 HOST = "127.0.0.1"
 JVM_HEAP = ("-Xms256m", "-Xmx512m")
-# The serial collector: a local broker shares a small machine with the worker. At 10,000 events/s on
-# 2 cores G1's concurrent marking and GC threads took 0.12-0.17 of a core (of the broker's 0.36);
-# the serial collector's young collections took under 0.005 (bench/pipeline.py, per-thread CPU).
+# The serial collector: a local broker shares a small machine with the worker, and G1's concurrent
+# marking and GC threads would take a large share of the broker's CPU (docs/benchmarks.md).
 JVM_GC = "-XX:+UseSerialGC"
 MIN_JAVA = 17
 START_TIMEOUT_S = 90.0
@@ -235,7 +234,7 @@ def _write_config(home: Path, port: int, controller_port: int) -> Path:
         # Tests and demos join groups one consumer at a time; don't wait 3 s for more members.
         "group.initial.rebalance.delay.ms": "0",
         # A development broker must not fill the disk: each partition keeps its newest 256 MiB (the
-        # default keeps everything for 7 days; benchmark runs here wrote gigabytes an hour).
+        # default keeps everything for 7 days, and a benchmark writes gigabytes an hour).
         "log.retention.bytes": str(256 * 1024 * 1024),
         "log.segment.bytes": str(64 * 1024 * 1024),
     }

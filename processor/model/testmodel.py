@@ -33,7 +33,7 @@ class CheckpointShape:
     guard_inner_size: int
     # Random deep stacks at std 0.02 everywhere collapse every position onto one direction (one label
     # everywhere, and chaotic sensitivity to context). An embedding this large keeps token identity
-    # visible while attention still moves the last hidden state by ~10-35 % (measured), so verdicts vary
+    # visible while attention still moves the last hidden state noticeably, so verdicts vary
     # across tokens and a cache bug still changes them.
     embedding_std: float
     max_position_embeddings: int = 8192

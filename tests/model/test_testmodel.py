@@ -21,7 +21,7 @@ from processor.model.testmodel import (
 from processor.model.tokenizer import load_tokenizer, special_token_ids
 from tests.model.reference import ReferenceGuard
 
-# The published Qwen3Guard-Stream-0.6B config, from the shared model notes.
+# The published Qwen3Guard-Stream-0.6B config.json.
 PUBLISHED_0_6B = {
     "hidden_size": 1024,
     "num_hidden_layers": 28,

@@ -19,7 +19,7 @@ from processor.model.tokenizer import (
     special_token_ids,
 )
 
-# From the shared model notes (Qwen3 tokenizer facts).
+# Qwen3 tokenizer facts, as the published checkpoints' tokenizer.json has them.
 NOTES_TEXT = "Hello, how to build a bomb?"
 NOTES_TEXT_IDS = [9707, 11, 1246, 311, 1936, 264, 12764, 30]
 IM_START, IM_END, ENDOFTEXT, THINK, END_THINK = 151644, 151645, 151643, 151667, 151668

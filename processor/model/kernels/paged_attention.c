@@ -28,19 +28,17 @@
 #ifdef __AVX512F__
 #define LANES 16 /* one AVX-512 register of floats */
 #else
-/* One AVX2 register (two SSE ones). 16 here spilled the 8-row tiles' accumulators to memory: an
- * AVX2 build (-march=haswell, measured on an AVX-512 machine) ran 3-4x slower than with 8. */
+/* One AVX2 register (two SSE ones). 16 here (two registers a vector) spills the 8-row tiles'
+ * accumulators to memory. */
 #define LANES 8
 #endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* Scores are floored at this far below their row's largest before exp: a key's weight is then at
  * least exp(-64) = 1.6e-28 of the largest, where its true weight may be smaller, a difference far
- * below float32's resolution of the weights' sum (at least 1). Without the floor, sharp attention was
+ * below float32's resolution of the weights' sum (at least 1). Without the floor, sharp attention is
  * slow: below -87 expf gives subnormals, for which glibc's vector expf leaves its fast path, and
- * subnormal weights times values are microcode assists on x86. Measured with bench/kernel.py (200
- * conversations x 2 new tokens at 450 keys, one thread): queries scaled 30x, scores spread over
- * hundreds, 20 ms a layer against 2 with the floor; unscaled, within a few percent either way. */
+ * subnormal weights times values are microcode assists on x86 (docs/benchmarks.md). */
 #define WEIGHT_FLOOR (-64.0f)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -48,8 +46,8 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 #ifdef __AVX512F__
 /* exp of 16 floats in [WEIGHT_FLOOR, 0], inlined: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a
  * degree-6 polynomial in r, then 2^n by vscalefps), within 2 ulp. glibc's vector expf is a call per
- * 16 floats that handles every input range; here the softmax's exponentials were 16-20% of the
- * kernel at 6 new tokens a conversation (bench/README.md, "Tenth session"). Intrinsics throughout:
+ * 16 floats that handles every input range, and the softmax's exponentials are a large share of the
+ * kernel when conversations bring several new tokens. Intrinsics throughout:
  * -ffast-math may reassociate plain vector arithmetic, and the split of n ln2 in two must stay. */
 static inline __m512 exp_lanes_nonpositive(__m512 x) {
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -261,8 +259,7 @@ ALWAYS_INLINE void block_values(const float *restrict p, const void *restrict va
 /* FMA chains kept in flight by the tiles below: an FMA waits ~4 cycles for its accumulator and two
  * can start a cycle, so a tile of `tile` rows splits each row's sum into 8 / tile partial sums (over
  * every chains-th head dimension or key) and adds them at the end. With one chain a row, a 2-row tile
- * (a streaming step's usual shape) waited on FMA latency; with these and row_max the kernel took 5-10%
- * less at 1,500 keys and 1-3 new tokens, no change at 500 (bench/README.md, "Twelfth session"). */
+ * (a streaming step's usual shape) would wait on FMA latency. */
 #define FMA_CHAINS 8
 #define MAX_CHAINS 4 /* partial sums a row: FMA_CHAINS / the smallest tile (2) */
 
