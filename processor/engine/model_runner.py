@@ -20,9 +20,12 @@ from processor.model.attention import (
     GatherScratch,
     PackedKeys,
     PagedChunks,
+    PagedTables,
     flex_packed_attention,
     packed_keys,
     paged_cpu_attention,
+    paged_tables,
+    triton_paged_attention,
 )
 from processor.model.cpu_kernel import split_by_work
 from processor.model.loader import GuardModel
@@ -43,7 +46,7 @@ class StepOutput:
 
 def long_tensor(values: list[int]) -> torch.Tensor:
     """An int64 CPU tensor of `values`. Through an array: torch.tensor reads a list one Python int at
-    a time (~450 us for a step's 6,000 block-table entries, ~130 this way)."""
+    a time, and a step builds thousands of block-table entries."""
     if not values:
         return torch.empty(0, dtype=torch.long)  # frombuffer refuses an empty buffer
     return torch.frombuffer(array("q", values), dtype=torch.long)
@@ -84,14 +87,18 @@ class ModelRunner:
             positions += chunk_positions
             slots += self.blocks.slots(table, chunk.start_position, chunk.start_position + chunk.length)
         as_tensor = self._to_device
-        groups, packed, paged = [], None, None
+        groups, packed, paged, tables = [], None, None, None
         if self.attend is flex_packed_attention:
             packed = self._packed_keys(chunks)
         elif self.attend is paged_cpu_attention:
             paged = self._paged_chunks(chunks)
+        elif self.attend is triton_paged_attention:
+            tables = self._paged_tables(chunks)
         else:
             groups = self._attention_groups(chunks)
-        batch = AttentionBatch(as_tensor(slots), groups, self.blocks.block_size, self.scratch, packed, paged)
+        batch = AttentionBatch(
+            as_tensor(slots), groups, self.blocks.block_size, self.scratch, packed, paged, tables
+        )
         logits = self.model.network(
             as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend
         )
@@ -149,6 +156,18 @@ class ModelRunner:
             split_by_work(chunk_table, torch.get_num_threads()),  # once a step, for every layer
         )
 
+    def _paged_tables(self, chunks: list[ScheduledChunk]) -> PagedTables:
+        seq_lens = [chunk.start_position + chunk.length for chunk in chunks]
+        return paged_tables(
+            [chunk.length for chunk in chunks],
+            seq_lens,
+            [
+                chunk.conversation.block_table[: self.blocks.blocks_for(keys)]
+                for chunk, keys in zip(chunks, seq_lens, strict=True)
+            ],
+            self.device,
+        )
+
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
         """Chunks split by query length (`split_by_query_length`), then each part by key length
         (`split_by_key_length`), so that a group pads little in either direction."""
@@ -193,7 +212,7 @@ class ModelRunner:
         key_positions = torch.arange(table_width * block_size, device=self.device)
         allowed = key_positions[None, None, :] <= query_positions[:, :, None]
         # Additive, in the compute dtype, built once per step: SDPA would convert a bool mask in
-        # every layer (1.3 of 13 ms per layer on CPU at 200 x 9 queries over 500 keys).
+        # every layer.
         mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
         mask.masked_fill_(~allowed, float("-inf"))
         # Built on the host from the lengths: a device nonzero() would force a sync every step.
@@ -211,11 +230,9 @@ def split_by_query_length(lengths: list[int], by_powers_of_two: bool = True) -> 
     (the longest of a class at most twice its shortest), or only 1 and more than 1.
 
     Every chunk of a group is padded to the group's longest, and attention costs per padded query.
-    Single-token (streaming) chunks never pad to a prompt's length. On CPU, steps like a worker's
-    under load (every conversation brings 1 to 9 tokens) took 79.5 ms padded to the longest and 65.7
-    by powers of two, where 5 tokens each took 68 (tiny model, 200 conversations at 750 keys, the
-    two alternating in one process). On CUDA a group costs kernel launches in every layer while
-    padded queries cost little compute: there only single-token chunks are kept apart.
+    Single-token (streaming) chunks never pad to a prompt's length. On CPU padding costs compute, so
+    classes are powers of two (docs/benchmarks.md). On CUDA a group costs kernel launches in every
+    layer while padded queries cost little compute: there only single-token chunks are kept apart.
     """
     classes: dict[int, list[int]] = {}
     for index, length in enumerate(lengths):
@@ -227,9 +244,9 @@ def split_by_query_length(lengths: list[int], by_powers_of_two: bool = True) -> 
 def split_by_key_length(widths: list[int]) -> list[list[int]]:
     """Indexes of `widths` (key blocks per chunk) in runs of similar width, narrowest first.
 
-    Every chunk of a group is padded to the group's widest: one 4,000-token conversation among 200 of
-    100 tokens made every streaming step 7x slower on CPU (tiny model: 23 -> 170 ms). Runs bound that
-    to KEY_LENGTH_SPREAD, at the price of one group (a few ops per layer) per run.
+    Every chunk of a group is padded to the group's widest, so one long conversation among many short
+    ones would make every member read as many keys as it. Runs bound that to KEY_LENGTH_SPREAD, at the
+    price of one group (a few ops per layer) per run.
     """
     order = sorted(range(len(widths)), key=widths.__getitem__)
     runs: list[list[int]] = []

@@ -8,7 +8,8 @@ nothing else. How the step's tokens map to conversations and slots is described 
 Backends are swappable: "sdpa" gathers each group's keys into a padded block and calls
 scaled_dot_product_attention with a mask (portable, CPU and CUDA); "flex" runs FlexAttention on the
 packed tokens (CUDA, no padding); "paged_cpu" runs our C kernel over the paged cache in place (CPU,
-float32; see processor/model/kernels/paged_attention.c). All must give the same results (tests
+float32; see processor/model/kernels/paged_attention.c); "triton" runs our Triton kernel over it in
+place (CUDA; processor/model/triton_attention.py). All must give the same results (tests
 compare them). A cache is written and read by one backend: "paged_cpu" stores keys transposed
 within their blocks.
 """
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
+import os
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,8 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from processor.model import cpu_kernel
 
 # SDPA kernels allowed on CUDA. cuDNN's is left out: it builds an execution plan for every new shape,
-# and a streaming step's shape changes every step (measured on an H200: 1.4-1.8 ms of host time per
-# call, half of a 0.6B step). With a mask, this leaves the memory-efficient kernel.
+# and a streaming step's shape changes every step, so planning would cost host time on the scale of
+# the step itself (docs/benchmarks.md). With a mask, this leaves the memory-efficient kernel.
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -72,9 +76,9 @@ class PackedKeys:
 
 class GatherScratch:
     """Buffers for the keys and values a layer gathers, kept from step to step and reused by every
-    layer: on CPU, a fresh buffer above glibc's largest mmap threshold (32 MB: 200 conversations x
-    1,500 keys of the tiny model) came from a new mmap each time, and page-faulting it in made the
-    gather 6x slower (see processor.engine.host_memory). Holds the largest size asked for."""
+    layer: on CPU, a fresh buffer above glibc's largest mmap threshold (32 MB) comes from a new mmap
+    each time, and page-faulting it in costs more than the gather (see processor.engine.host_memory).
+    Holds the largest size asked for."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
@@ -102,6 +106,37 @@ class PagedChunks:
 
 
 @dataclass
+class PagedTables:
+    """For the triton backend: the step's conversations as its kernel reads them, on the device.
+    Conversations with no new tokens (a bucketed step's padding) have equal query starts."""
+
+    query_starts: torch.Tensor  # [B + 1] int32: first packed row of each conversation's new tokens, then T
+    seq_lens: torch.Tensor  # [B] int32: keys of each conversation after this step (cached and new)
+    block_tables: torch.Tensor  # [B, W] int32: each conversation's cache blocks (padding -> block 0)
+
+
+def paged_tables(
+    lengths: list[int], seq_lens: list[int], tables: list[list[int]], device: torch.device
+) -> PagedTables:
+    """PagedTables for conversations bringing `lengths` new tokens each, with `seq_lens` keys after
+    the step, in `tables` (each at least the blocks its keys fill). Packed into one int32 host buffer:
+    one host-to-device copy for the three."""
+    count = len(lengths)
+    width = max(map(len, tables), default=1) or 1
+    values = array("i", [0])
+    for length in lengths:
+        values.append(values[-1] + length)
+    values.extend(seq_lens)
+    for table in tables:
+        values.extend(table)
+        values.extend([0] * (width - len(table)))
+    packed = torch.frombuffer(values, dtype=torch.int32).to(device, non_blocking=True)
+    return PagedTables(
+        packed[: count + 1], packed[count + 1 : 2 * count + 1], packed[2 * count + 1 :].view(count, width)
+    )
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's key/value is written
     groups: list[AttentionGroup]  # for the sdpa backend
@@ -109,6 +144,7 @@ class AttentionBatch:
     scratch: GatherScratch  # the runner's, reused from step to step
     packed: PackedKeys | None = None  # for the flex backend
     paged: PagedChunks | None = None  # for the paged_cpu backend
+    tables: PagedTables | None = None  # for the triton backend
 
 
 AttentionBackend = Callable[
@@ -128,8 +164,8 @@ def gather_by_head(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) 
     """cache [kv_heads, N, *row] -> out [kv_heads, len(index), *row]: rows `index` of every head.
 
     On CPU one index_select per head along its first axis: torch copies whole rows there, where
-    selecting along axis 1 went element by element, 3x slower (200 conversations x 768 keys: 6-10 ms
-    against 18-29). On CUDA one call: a kernel launch per head would cost more than it saves.
+    selecting along axis 1 goes element by element. On CUDA one call: a kernel launch per head would
+    cost more than it saves.
     """
     if cache.is_cuda:
         return torch.index_select(cache, 1, index, out=out)
@@ -162,8 +198,8 @@ def read_kv_blocks(
     """Whole blocks of `block_tables` ([B, W]), as [kv_heads, B, W * block_size, head_dim], in `scratch`.
 
     One index per block instead of one per slot, and the result already in SDPA's layout (keys
-    contiguous per conversation and head; SDPA's CPU flash kernel took about half the time on these
-    than on keys strided by their heads).
+    contiguous per conversation and head, which SDPA's CPU flash kernel reads much faster than keys
+    strided by their heads).
     """
     kv_heads, slots, head_dim = kv_layer.shape[1:]
     rows, width = block_tables.shape
@@ -249,7 +285,7 @@ def _flex_kernel(device_type: str):
 
     # Compiled on CUDA (the fused kernel); eager elsewhere, where flex runs its unfused reference.
     # Chosen by the tensors' device, not by whether CUDA exists: on a GPU machine, CPU tensors sent
-    # through the compiled kernel went to inductor's C++ backend, which failed to build (torch 2.11).
+    # through the compiled kernel go to inductor's C++ backend, which fails to build them (torch 2.11).
     if device_type == "cuda":
         return torch.compile(flex_attention, dynamic=True)
     return flex_attention
@@ -316,20 +352,46 @@ def _paged_scratch(scratch: GatherScratch, size: int, like: torch.Tensor, part: 
     return scratch.take(f"paged-{part}", (size,), like)  # one buffer per thread
 
 
+def triton_paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_layer: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """The Triton kernel over the paged cache: no gather, no padding, no mask (CUDA; any cache dtype)."""
+    assert batch.tables is not None, "the triton backend needs AttentionBatch.tables"
+    from processor.model import triton_attention  # imports triton: only once this backend runs
+
+    triton_attention.store_kv(key, value, kv_layer, batch.slot_mapping)
+    return triton_attention.paged_attention(query, kv_layer, batch.tables, batch.block_size, scale)
+
+
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": sdpa_attention,
     "flex": flex_packed_attention,
     "paged_cpu": paged_cpu_attention,
+    "triton": triton_paged_attention,
 }
 CPU_ONLY_BACKENDS = frozenset({"paged_cpu"})  # the C kernel: host memory, float32 compute
+# Triton kernels: CUDA, or a CPU under Triton's interpreter (tests). Never picked by "auto" until a GPU
+# run has shown them correct there.
+CUDA_BACKENDS = frozenset({"triton"})
+
+
+def triton_interpreted() -> bool:
+    """Whether TRITON_INTERPRET asks Triton to interpret kernels (on CPU tensors), not compile them."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def resolve_attention_backend(
     name: str, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None
 ) -> str:
     """`name`, or for "auto" the fastest that runs here: the C kernel on a CPU in float32 (over a cache
-    it reads: float32, or float16 where it was built with it) when it builds, SDPA otherwise. A backend
-    that cannot run on this device, dtype or cache dtype is an error."""
+    it reads: float32, or float16 where it was built with it) when it builds, SDPA otherwise; never
+    "triton", which is asked for by name. A backend that cannot run on this device, dtype or cache
+    dtype is an error."""
     cache_dtype = cache_dtype or dtype
     if name == "auto":
         kernel = cpu_kernel.load() if device.type == "cpu" and dtype == torch.float32 else None
@@ -342,6 +404,15 @@ def resolve_attention_backend(
         if cache_dtype not in kernel.cache_dtypes:
             readable = kernel.describe_cache_dtypes()
             raise ValueError(f"the {name} attention backend reads a {readable} KV cache, not {cache_dtype}")
+    if name in CUDA_BACKENDS:
+        if device.type != "cuda" and not triton_interpreted():
+            raise ValueError(
+                f"the {name} attention backend runs Triton kernels on a CUDA device, not {device}; on a "
+                "CPU only under Triton's interpreter (TRITON_INTERPRET=1, for tests: slow). Use auto, "
+                "sdpa or paged_cpu here"
+            )
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(f"the {name} attention backend needs the triton package, not installed here")
     return name
 
 
