@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from processor.worker.conversation import ConversationStep, Incoming
 from processor.worker.dlq import DeadLetter
+from processor.worker.health import StallWatch
 from processor.worker.pipeline import SessionCache
 from processor.worker.settings import WorkerSettings
 
@@ -84,6 +85,7 @@ class Fetching:
     settings: WorkerSettings
     consumer: AIOKafkaConsumer
     sessions: SessionCache
+    health: StallWatch
     _spent: list[object]
     _revoked_since_poll: set[TopicPartition]
 
@@ -122,6 +124,7 @@ class Fetching:
             while_fetching=decode_ahead,
             assignment_epoch=self.assignment_epoch,
         )
+        self.health.fetched()
         self._revoked_since_poll = set()  # the batch is of the assignment in force now
         self.release_spent()  # when there was no fetch to wait for
         return batch, (ahead if batch else None)

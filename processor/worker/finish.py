@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer
 from processor.engine import AsyncGuardEngine
 from processor.events import Verdict, verdict_json
 from processor.worker.dlq import DeadLetter
+from processor.worker.health import StallWatch
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.pipeline import SessionCache
 from processor.worker.prepare import PreparedStep
@@ -52,6 +53,7 @@ class Finishing:
     metrics: WorkerMetrics
     sessions: SessionCache
     send_order: asyncio.Lock
+    health: StallWatch
 
     # Of the other stages, which the worker has too.
     _release: Callable[[Iterable[str]], Awaitable[None]]
@@ -59,30 +61,34 @@ class Finishing:
 
     async def finish(self, step: PreparedStep, previous: asyncio.Task | None, stop: asyncio.Event) -> None:
         """Publish, save, commit: in that order, and after the previous step's save and commit."""
-        stage, clock = self.metrics.stage_seconds, time.perf_counter
-        verdicts = [verdict for outcome in step.outcomes for verdict in outcome.verdicts]
-        started = clock()
-        await self.publish(verdicts, step.dead_letters)
-        published = clock()
-        stage.labels("publish").observe(published - started)
-        if previous is not None:
-            await previous  # raises when it failed: this step is void too
-        ordered = clock()
-        stage.labels("order").observe(ordered - published)
-        updates = [
-            SessionUpdate(outcome.before, outcome.session, outcome.fed_token_ids) for outcome in step.outcomes
-        ]
-        conflicts = await self.with_retry(lambda: self.store.save(updates), stop, "save sessions")
-        saved = clock()
-        stage.labels("save").observe(saved - ordered)
-        closed = [session for session in step.cached if session.closed]
-        await self.forget([session.conversation_id for session in closed] + conflicts, conflicts)
-        self.sessions.drop(conflicts)
-        self.sessions.drop_if_unchanged(closed)  # written now; a later step may have moved them on
-        # Verdicts acknowledged and sessions durable: only now may these records count as done.
-        await self.consumer.commit(step.offsets)
-        stage.labels("commit").observe(clock() - saved)
-        self.observe(step, verdicts, clock() - step.started)
+        try:
+            stage, clock = self.metrics.stage_seconds, time.perf_counter
+            verdicts = [verdict for outcome in step.outcomes for verdict in outcome.verdicts]
+            started = clock()
+            await self.publish(verdicts, step.dead_letters)
+            published = clock()
+            stage.labels("publish").observe(published - started)
+            if previous is not None:
+                await previous  # raises when it failed: this step is void too
+            ordered = clock()
+            stage.labels("order").observe(ordered - published)
+            updates = [
+                SessionUpdate(outcome.before, outcome.session, outcome.fed_token_ids)
+                for outcome in step.outcomes
+            ]
+            conflicts = await self.with_retry(lambda: self.store.save(updates), stop, "save sessions")
+            saved = clock()
+            stage.labels("save").observe(saved - ordered)
+            closed = [session for session in step.cached if session.closed]
+            await self.forget([session.conversation_id for session in closed] + conflicts, conflicts)
+            self.sessions.drop(conflicts)
+            self.sessions.drop_if_unchanged(closed)  # written now; a later step may have moved them on
+            # Verdicts acknowledged and sessions durable: only now may these records count as done.
+            await self.consumer.commit(step.offsets)
+            stage.labels("commit").observe(clock() - saved)
+            self.observe(step, verdicts, clock() - step.started)
+        finally:
+            self.health.step_ended()  # done or failed: either way no longer under way
 
     async def publish(self, verdicts: list[Verdict], dead_letters: list[DeadLetter]) -> None:
         """Send everything, then wait for every acknowledgement (acks=all, idempotent producer)."""

@@ -10,13 +10,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 class HealthServer:
-    """healthz: the process serves; readyz: `is_ready()` (model loaded, Kafka and Redis reachable)."""
+    """healthz: the worker makes progress (`stall()` says why not); readyz: `is_ready()` (model loaded,
+    Kafka and Redis reachable)."""
 
     def __init__(
-        self, registry: CollectorRegistry, is_ready: Callable[[], bool], host: str = "0.0.0.0"
+        self,
+        registry: CollectorRegistry,
+        is_ready: Callable[[], bool],
+        host: str = "0.0.0.0",
+        stall: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._registry = registry
         self._is_ready = is_ready
+        self._stall = stall
         self._host = host
         self._server: asyncio.Server | None = None
 
@@ -53,7 +59,9 @@ class HealthServer:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/healthz":
-            return "200 OK", "text/plain", b"ok\n"
+            if (reason := self._stall()) is None:
+                return "200 OK", "text/plain", b"ok\n"
+            return "503 Service Unavailable", "text/plain", f"stalled: {reason}\n".encode()
         if path == "/readyz":
             if self._is_ready():
                 return "200 OK", "text/plain", b"ready\n"

@@ -96,7 +96,11 @@ async def serve(
         max_batch_size=PRODUCER_BATCH_BYTES,
     )
     worker = Worker(settings, model, front, store, consumer, producer, metrics, chain)
-    http = HealthServer(metrics.registry, lambda: worker.ready)
+    http = HealthServer(
+        metrics.registry,
+        lambda: worker.ready,
+        stall=lambda: worker.health.stall(holds_partitions=bool(consumer.assignment())),
+    )
     with long_lived_heap_frozen():  # the model's and libraries' objects: never walked again
         try:
             if settings.http_port:

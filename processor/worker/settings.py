@@ -80,6 +80,12 @@ class WorkerSettings(BaseSettings):
     http_port: int = Field(
         default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 disables."
     )
+    stall_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="/healthz fails when a step has been under way this long with none finishing, or the "
+        "consumer has not fetched for this long while holding partitions.",
+    )
     worker_id: str = Field(
         default_factory=_default_worker_id,
         description="Names this worker in its Kafka client id, dead letters and session ownership "

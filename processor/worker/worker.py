@@ -38,6 +38,7 @@ from processor.model import GuardModel
 from processor.model.tokenizer import special_token_ids
 from processor.worker.fetch import Fetching
 from processor.worker.finish import Finishing
+from processor.worker.health import StallWatch
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.pipeline import SessionCache, SettledHistory, StepChain
 from processor.worker.prepare import Preparing
@@ -74,6 +75,7 @@ class Worker(Fetching, Preparing, Finishing, Rebalancing):
         self.consumer = consumer
         self.publisher = BatchPublisher(producer)
         self.metrics = metrics
+        self.health = StallWatch(settings.stall_seconds)
         # The engine's history must settle on this same chain (`or` would replace an empty one: len 0).
         self.chain = chain if chain is not None else StepChain(settings.steps_in_flight)
         self.history = SettledHistory(store, self.chain)
@@ -133,13 +135,17 @@ class Worker(Fetching, Preparing, Finishing, Rebalancing):
                     if not batch:
                         continue
                     next_step = time.monotonic() + interval
+                    self.health.step_began()  # ended by its finish, or here when there is none
                     try:
                         prepared = await self.prepare(batch, stop, ahead)
                     except Exception:
+                        self.health.step_ended()
                         log.exception("step failed; rewinding to the committed offsets")
                         await self._recover()
                         continue
-                    if prepared is not None:
+                    if prepared is None:
+                        self.health.step_ended()
+                    else:
                         self.chain.start(functools.partial(self.finish, prepared, stop=stop))
                     self._spent.append((batch, ahead))
                     batch, ahead, prepared = {}, None, None

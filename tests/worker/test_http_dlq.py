@@ -38,6 +38,20 @@ async def test_endpoints():
         await server.stop()
 
 
+async def test_healthz_says_why_it_is_red():
+    stall = {"reason": None}
+    server = HealthServer(WorkerMetrics().registry, lambda: True, "127.0.0.1", stall=lambda: stall["reason"])
+    port = await server.start(0)
+    try:
+        assert (await get(port, "/healthz"))[0].endswith("200 OK")
+        stall["reason"] = "no step has finished for 61 s"
+        status, body = await get(port, "/healthz")
+        assert "503" in status and body == "stalled: no step has finished for 61 s\n"
+        assert (await get(port, "/readyz"))[0].endswith("200 OK")  # readyz keeps its meaning
+    finally:
+        await server.stop()
+
+
 def test_dead_letter_keeps_binary_and_truncates():
     letter = dead_letter("t", 1, 2, b"\xff", b"\xfe" * (MAX_KEPT_BYTES + 5), "bad", "w")
     assert letter.key_encoding == "base64" and base64.b64decode(letter.key) == b"\xff"
