@@ -1,8 +1,8 @@
 """Engine benchmark: the hub's method (A), single-stream KV cache (B), and this engine (C), side by side.
 
-Prints a table and writes JSON (bench/results/engine-<device>-<size>.json). Every variant runs in the
-same process on the same random checkpoint and the same token streams, so compare ratios, not
-absolute numbers. Not a test: nothing here asserts a speed.
+Prints a table and writes JSON (bench/results/engine-<device>-<size>-<backend>.json). Every variant
+runs in the same process on the same random checkpoint and the same token streams, so compare
+ratios, not absolute numbers. Not a test: nothing here asserts a speed.
 
     python bench/engine.py --size small                 # CPU
     python bench/engine.py --size 0.6b-shape --device cuda --dtype bfloat16
@@ -76,6 +76,7 @@ def load_model(size: str, device: str, dtype: torch.dtype, workdir: Path) -> Gua
 
 
 BACKEND = "sdpa"  # set from --backend
+CUDA_GRAPHS = False  # set from --cuda-graphs
 
 
 def make_engine(
@@ -92,6 +93,7 @@ def engine_for_tokens(
     batch_tokens: int = 4096,
     backend: str | None = None,
     kv_cache_dtype: str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> GuardEngine:
     block = 16
     _, element = resolve_attention_and_cache(backend or BACKEND, kv_cache_dtype, model.device, model.dtype)
@@ -105,6 +107,7 @@ def engine_for_tokens(
             max_batch_conversations=max(conversations, 1),
             attention_backend=backend or BACKEND,
             kv_cache_dtype=kv_cache_dtype,
+            cuda_graphs=CUDA_GRAPHS if cuda_graphs is None else cuda_graphs,
         ),
     )
 
@@ -231,19 +234,21 @@ def uneven_steps(
 
 def backends_side_by_side(
     model: GuardModel,
-    variants: dict[str, tuple[str, str]],
+    variants: dict[str, tuple[str, str, bool]],
     conversations: int,
     context: int,
     steps: int,
     rng: random.Random,
 ) -> list[Row]:
     """Worker-like steps (every conversation bringing 1 to 9 tokens) on one engine per variant
-    (label: attention backend, KV cache dtype), the engines taking turns step by step with the same
-    tokens, so that each sees the same machine and contexts."""
+    (label: attention backend, KV cache dtype, CUDA graphs), the engines taking turns step by step with
+    the same tokens, so that each sees the same machine and contexts."""
     tokens_needed = conversations * (context + 9 * steps + 16)
     engines = {
-        name: engine_for_tokens(model, tokens_needed, conversations, backend=backend, kv_cache_dtype=cache)
-        for name, (backend, cache) in variants.items()
+        name: engine_for_tokens(
+            model, tokens_needed, conversations, backend=backend, kv_cache_dtype=cache, cuda_graphs=graphs
+        )
+        for name, (backend, cache, graphs) in variants.items()
     }
     streams = {f"w{index}": random_tokens(rng, context) for index in range(conversations)}
     for engine in engines.values():
@@ -296,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", default="auto", help="attention: auto (paged_cpu on a CPU), sdpa, flex, paged_cpu"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="engine steps as CUDA graphs (needs the triton backend)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    global BACKEND
+    global BACKEND, CUDA_GRAPHS
+    CUDA_GRAPHS = args.cuda_graphs
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = (
@@ -341,11 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += [short, long, ragged]
         padded, classes = uneven_steps(model, 64, 768, 12, rng)
         rows += [padded, classes]
-        variants = {"sdpa attention": ("sdpa", "auto")}
+        variants = {"sdpa attention": ("sdpa", "auto", False)}
         if cpu_kernel_runs(model):
-            variants["paged_cpu attention, float32 KV"] = ("paged_cpu", "float32")
+            variants["paged_cpu attention, float32 KV"] = ("paged_cpu", "float32", False)
             if cpu_kernel_runs(model, torch.float16):
-                variants["paged_cpu attention, float16 KV"] = ("paged_cpu", "float16")
+                variants["paged_cpu attention, float16 KV"] = ("paged_cpu", "float16", False)
+        if model.device.type == "cuda":
+            variants["triton attention"] = ("triton", "auto", False)
+            variants["triton attention + CUDA graphs"] = ("triton", "auto", True)
         side_by_side = {
             context: backends_side_by_side(model, variants, 200, context, 8, rng) for context in (256, 1024)
         }
@@ -364,11 +376,19 @@ def main(argv: list[str] | None = None) -> int:
         # Uneven steps with queries padded to the step's longest, against grouped by powers of two.
         "padded_over_query_classes_cost": padded.ms_per_token / classes.ms_per_token,
     }
-    for context, pair in side_by_side.items():
-        if len(pair) >= 2:  # sdpa against the C kernel at the worker's step shape
-            ratios[f"sdpa_over_paged_cpu_cost_{context}"] = pair[0].ms_per_token / pair[1].ms_per_token
-        if len(pair) == 3:  # the C kernel over a float32 cache against a float16 one
-            ratios[f"f32_over_f16_cache_cost_{context}"] = pair[1].ms_per_token / pair[2].ms_per_token
+    # Cost ratios at the worker's step shape, of the variants this machine ran.
+    compared = {
+        "sdpa_over_paged_cpu_cost": ("sdpa attention", "paged_cpu attention, float32 KV"),
+        "f32_over_f16_cache_cost": ("paged_cpu attention, float32 KV", "paged_cpu attention, float16 KV"),
+        "sdpa_over_triton_cost": ("sdpa attention", "triton attention"),
+        "triton_eager_over_graphs_cost": ("triton attention", "triton attention + CUDA graphs"),
+    }
+    for context, variant_rows in side_by_side.items():
+        by_variant = {row.variant.removeprefix("C worker steps, "): row for row in variant_rows}
+        for name, (slower, faster) in compared.items():
+            if slower in by_variant and faster in by_variant:
+                cost = by_variant[slower].ms_per_token / by_variant[faster].ms_per_token
+                ratios[f"{name}_{context}"] = cost
     threads = torch.get_num_threads()
     print(f"\nengine benchmark: size={args.size} device={args.device} dtype={dtype}", end=" ")
     print(f"backend={BACKEND} threads={threads}")

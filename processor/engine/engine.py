@@ -11,7 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from processor.engine.block_manager import BlockManager
+from processor.engine.cuda_graphs import GraphRunner
 from processor.engine.host_memory import keep_freed_host_memory
 from processor.engine.kv_cache import (
     allocate_kv_cache,
@@ -43,6 +46,12 @@ class EngineConfig:
     # resolve_kv_cache_dtype), "float16", "bfloat16" or "float32" (exact on a float32 model).
     kv_cache_dtype: str = "auto"
     keep_probabilities: bool = False  # per-class probabilities in results (`score --all-heads`)
+    # Steps replayed as CUDA graphs of the whole forward (processor/engine/cuda_graphs.py), for steps
+    # of up to this many conversations and tokens; larger ones run eagerly. Needs the triton backend
+    # ("auto" then picks it). Off by default until a GPU run has shown it correct.
+    cuda_graphs: bool = False
+    cuda_graph_max_conversations: int = 512
+    cuda_graph_max_tokens: int = 2048
 
 
 @dataclass
@@ -62,6 +71,12 @@ class EngineStats:
     last_step_seconds: float = 0.0
     last_step_cpu_seconds: float = 0.0  # of the thread that ran it: wall time less waiting for the GIL
     step_seconds_total: float = 0.0
+    # With CUDA graphs on: steps replayed from a graph, steps that fit no bucket (run eagerly), and
+    # what capturing took.
+    graph_steps: int = 0
+    eager_steps: int = 0
+    graph_capture_seconds: float = 0.0
+    graph_capture_bytes: int = 0
 
 
 class GuardEngine:
@@ -70,11 +85,19 @@ class GuardEngine:
         self.config = config or EngineConfig()
         if model.device.type == "cpu":
             keep_freed_host_memory()
+        backend = self.config.attention_backend
+        if self.config.cuda_graphs and backend == "auto":
+            backend = "triton"  # the one backend whose steps can be captured
         self.attention_backend, cache_dtype = resolve_attention_and_cache(
-            self.config.attention_backend, self.config.kv_cache_dtype, model.device, model.dtype
+            backend, self.config.kv_cache_dtype, model.device, model.dtype
         )
         per_token = bytes_per_token(model.config, cache_dtype)
-        budget = cache_budget_bytes(model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction)
+        graphs = self._graph_runner(model) if self.config.cuda_graphs else None
+        # The graphs' memory pool is taken before the cache is sized from what is left.
+        reserved = graphs.peak_bytes(self._stand_in_cache(model, cache_dtype)) if graphs else 0
+        budget = cache_budget_bytes(
+            model.device, self.config.kv_cache_bytes, self.config.kv_cache_fraction, reserved
+        )
         num_blocks = budget // (per_token * self.config.block_size)
         if num_blocks < 1:
             raise ValueError(
@@ -85,8 +108,20 @@ class GuardEngine:
         kv_cache = allocate_kv_cache(
             model.config, num_blocks, self.config.block_size, model.device, cache_dtype
         )
+        if graphs is not None:
+            graphs.capture(kv_cache)
+            log.info(
+                "CUDA graphs: %d buckets up to %d conversations and %d tokens, captured in %.1f s, %d MiB",
+                len(graphs.buckets),
+                graphs.buckets[0].conversations,
+                graphs.buckets[0].tokens,
+                graphs.capture_seconds,
+                graphs.capture_bytes >> 20,
+            )
         log.info("attention backend: %s; KV cache: %s", self.attention_backend, cache_dtype)
-        self.runner = ModelRunner(model, kv_cache, self.blocks, get_attention_backend(self.attention_backend))
+        self.runner = ModelRunner(
+            model, kv_cache, self.blocks, get_attention_backend(self.attention_backend), graphs
+        )
         self.scheduler = Scheduler(
             self.blocks, self.config.max_batch_tokens, self.config.max_batch_conversations, self._evict
         )
@@ -101,6 +136,25 @@ class GuardEngine:
         self._request_ids = itertools.count()
         self._requests: dict[int, ChunkRequest] = {}
         self._stats = EngineStats(block_size=self.config.block_size, kv_bytes_per_token=per_token)
+
+    def _graph_runner(self, model: GuardModel) -> GraphRunner:
+        if self.attention_backend != "triton":
+            raise ValueError(
+                f"CUDA graphs capture the triton attention backend's steps, not {self.attention_backend}'s; "
+                "use --attention-backend triton (or auto) with --cuda-graphs"
+            )
+        config = self.config
+        return GraphRunner(
+            model,
+            get_attention_backend(self.attention_backend),
+            config.block_size,
+            min(config.cuda_graph_max_conversations, config.max_batch_conversations),
+            min(config.cuda_graph_max_tokens, config.max_batch_tokens),
+        )
+
+    def _stand_in_cache(self, model: GuardModel, dtype: torch.dtype) -> torch.Tensor:
+        """A one-block cache for measuring the graphs' memory before the real one is sized."""
+        return allocate_kv_cache(model.config, 1, self.config.block_size, model.device, dtype)
 
     # -- what callers ask -------------------------------------------------------------------------
 
@@ -228,6 +282,12 @@ class GuardEngine:
         self._stats.waiting_conversations = len(self._waiting)
         self._stats.blocks_used = self.blocks.used_blocks
         self._stats.blocks_free = self.blocks.free_blocks
+        graphs = self.runner.graphs
+        if graphs is not None:
+            self._stats.graph_steps = graphs.graph_steps
+            self._stats.eager_steps = self.runner.eager_steps
+            self._stats.graph_capture_seconds = graphs.capture_seconds
+            self._stats.graph_capture_bytes = graphs.capture_bytes
         return self._stats
 
     # -- internals --------------------------------------------------------------------------------

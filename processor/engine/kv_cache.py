@@ -63,12 +63,16 @@ def _kernel_reads_float16() -> bool:
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
 
 
-def cache_budget_bytes(device: torch.device, budget_bytes: int | None, free_fraction: float | None) -> int:
+def cache_budget_bytes(
+    device: torch.device, budget_bytes: int | None, free_fraction: float | None, reserved_bytes: int = 0
+) -> int:
+    """`budget_bytes`, or a fraction of the device memory free now less `reserved_bytes` (what is
+    spoken for but not yet allocated: the CUDA graphs' pool)."""
     if budget_bytes is not None:
         return budget_bytes
     if device.type == "cuda" and free_fraction is not None:
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * free_fraction)
+        return int(max(0, free - reserved_bytes) * free_fraction)
     return DEFAULT_CPU_CACHE_BYTES
 
 

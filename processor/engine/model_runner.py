@@ -2,6 +2,8 @@
 
 Per-step metadata (positions, cache slots, attention groups) is built here once and handed to every
 layer; labels and probabilities are computed on the device and copied to the host in one transfer.
+With CUDA graphs on (`cuda_graphs.GraphRunner`), a step that fits a captured bucket replays its graph;
+any other step runs eagerly here, through the same attention kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from processor.engine.block_manager import BlockManager
+from processor.engine.cuda_graphs import GraphRunner, StepMetadata
 from processor.engine.scheduler import ScheduledChunk
 from processor.model.attention import (
     AttentionBackend,
@@ -29,7 +32,7 @@ from processor.model.attention import (
 )
 from processor.model.cpu_kernel import split_by_work
 from processor.model.loader import GuardModel
-from processor.model.qwen3_guard import HEAD_NAMES, GuardLogits
+from processor.model.qwen3_guard import HEAD_NAMES, LABEL_MATRIX_COLUMNS
 
 # A group's widest member may read at most this many times the key blocks of its narrowest...
 KEY_LENGTH_SPREAD = 2
@@ -52,23 +55,34 @@ def long_tensor(values: list[int]) -> torch.Tensor:
     return torch.frombuffer(array("q", values), dtype=torch.long)
 
 
-def label_matrix(logits: GuardLogits) -> torch.Tensor:
-    """Argmax class and its softmax probability for each head, as one [tokens, 8] float tensor."""
-    columns = []
-    for head_logits in (logits.risk, logits.category, logits.query_risk, logits.query_category):
-        probability, index = head_logits.float().softmax(dim=-1).max(dim=-1)
-        columns += [index.float(), probability]
-    return torch.stack(columns, dim=-1)
+def step_output(matrix: torch.Tensor, head_sizes: list[int] | None) -> StepOutput:
+    """A step's results from its label matrix on the host (GuardLogits.label_matrix): the label
+    columns, and each head's probabilities where the matrix carries them (`head_sizes` classes each)."""
+    labels = matrix[:, :LABEL_MATRIX_COLUMNS]
+    indexes, probs = labels[:, 0::2].long().T.tolist(), labels[:, 1::2].T.tolist()
+    label_columns = [column for pair in zip(indexes, probs, strict=True) for column in pair]
+    probabilities = None
+    if head_sizes is not None:
+        parts = matrix[:, LABEL_MATRIX_COLUMNS:].split(head_sizes, dim=-1)
+        probabilities = {name: part.tolist() for name, part in zip(HEAD_NAMES, parts, strict=True)}
+    return StepOutput(label_columns, probabilities)
 
 
 class ModelRunner:
     def __init__(
-        self, model: GuardModel, kv_cache: torch.Tensor, blocks: BlockManager, attend: AttentionBackend
+        self,
+        model: GuardModel,
+        kv_cache: torch.Tensor,
+        blocks: BlockManager,
+        attend: AttentionBackend,
+        graphs: GraphRunner | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.attend = attend
+        self.graphs = graphs  # bound to kv_cache (GraphRunner.capture) by whoever built both
+        self.eager_steps = 0  # with graphs on: steps that fit no bucket
         self.device = model.device
         self.scratch = GatherScratch()
         # How finely chunks are grouped by query length (`split_by_query_length`): padding costs
@@ -86,6 +100,12 @@ class ModelRunner:
             chunk_positions = range(chunk.start_position, chunk.start_position + chunk.length)
             positions += chunk_positions
             slots += self.blocks.slots(table, chunk.start_position, chunk.start_position + chunk.length)
+        if self.graphs is not None:
+            step = StepMetadata(token_ids, positions, slots, *self._lengths_and_tables(chunks))
+            matrix = self.graphs.run(step, with_probabilities)
+            if matrix is not None:
+                return step_output(matrix, self.graphs.head_sizes if with_probabilities else None)
+            self.eager_steps += 1
         as_tensor = self._to_device
         groups, packed, paged, tables = [], None, None, None
         if self.attend is flex_packed_attention:
@@ -102,15 +122,21 @@ class ModelRunner:
         logits = self.model.network(
             as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend
         )
-        matrix = label_matrix(logits).cpu()  # the step's one device-to-host copy
-        indexes, probs = matrix[:, 0::2].long().T.tolist(), matrix[:, 1::2].T.tolist()
-        label_columns = [column for pair in zip(indexes, probs, strict=True) for column in pair]
-        probabilities = None
-        if with_probabilities:
-            probabilities = {
-                name: getattr(logits, name).float().softmax(dim=-1).cpu().tolist() for name in HEAD_NAMES
-            }
-        return StepOutput(label_columns, probabilities)
+        matrix = logits.label_matrix(with_probabilities).cpu()  # the step's one device-to-host copy
+        sizes = [getattr(logits, name).shape[-1] for name in HEAD_NAMES] if with_probabilities else None
+        return step_output(matrix, sizes)
+
+    def _lengths_and_tables(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[list[int], list[int], list[list[int]]]:
+        """New tokens, keys after the step and the blocks those keys fill, of each chunk."""
+        lengths = [chunk.length for chunk in chunks]
+        seq_lens = [chunk.start_position + chunk.length for chunk in chunks]
+        tables = [
+            chunk.conversation.block_table[: self.blocks.blocks_for(keys)]
+            for chunk, keys in zip(chunks, seq_lens, strict=True)
+        ]
+        return lengths, seq_lens, tables
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return long_tensor(values).to(self.device, non_blocking=True)
@@ -157,16 +183,7 @@ class ModelRunner:
         )
 
     def _paged_tables(self, chunks: list[ScheduledChunk]) -> PagedTables:
-        seq_lens = [chunk.start_position + chunk.length for chunk in chunks]
-        return paged_tables(
-            [chunk.length for chunk in chunks],
-            seq_lens,
-            [
-                chunk.conversation.block_table[: self.blocks.blocks_for(keys)]
-                for chunk, keys in zip(chunks, seq_lens, strict=True)
-            ],
-            self.device,
-        )
+        return paged_tables(*self._lengths_and_tables(chunks), self.device)
 
     def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
         """Chunks split by query length (`split_by_query_length`), then each part by key length

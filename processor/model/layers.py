@@ -15,8 +15,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 as the reference implementation does, back to the input dtype, then
-        # scale. F.rms_norm is one fused kernel where torch has one (CUDA): the hand-written
-        # pow/mean/add/rsqrt/mul took five launches, four norms a layer.
+        # scale. F.rms_norm is one fused kernel where torch has one (CUDA): hand-written
+        # pow/mean/add/rsqrt/mul would be five launches, four norms a layer.
         normalized = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normalized.to(x.dtype)
 
@@ -59,11 +59,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class GatedMLP(nn.Module):
+    """down(silu(gate x) * up x), with gate and up as one GEMM (`gate_up_proj`: gate's rows, then up's)."""
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,7 +1,9 @@
 """Load an official Qwen3Guard-Stream checkpoint (local folder or hub id) into our network.
 
 No remote code: config.json is read as data and the safetensors are loaded by name into
-`Qwen3GuardNetwork`, which is what lets the engine run the model over a paged KV cache.
+`Qwen3GuardNetwork`, which is what lets the engine run the model over a paged KV cache. The network's
+fused projections (`fused_parameters`) are the checkpoint's tensors concatenated by rows, each part's
+shape checked: every checkpoint tensor lands somewhere, whole and unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from safetensors import safe_open
 
 from processor.model.config import GuardConfig
 from processor.model.labels import LabelMaps
-from processor.model.qwen3_guard import HEAD_PARAMETER_NAMES, Qwen3GuardNetwork
+from processor.model.qwen3_guard import HEAD_PARAMETER_NAMES, Qwen3GuardNetwork, fused_parameters
 from processor.model.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -107,11 +109,37 @@ def weight_files(checkpoint: Path) -> list[Path]:
 
 
 def checkpoint_key(parameter_name: str) -> str:
-    """Our parameter name -> the official state-dict key."""
+    """Our parameter name -> the official state-dict key (of an unfused parameter)."""
     for official, ours in HEAD_PARAMETER_NAMES.items():
         if parameter_name == ours:
             return official
     return parameter_name
+
+
+def checkpoint_parts(parameter_name: str, config: GuardConfig) -> list[tuple[str, int | None]]:
+    """Our parameter name -> the official keys it is made of, in row order, each with its row count
+    (None: the parameter is that one tensor, unfused)."""
+    for suffix, parts in fused_parameters(config).items():
+        if parameter_name.endswith("." + suffix):
+            prefix = parameter_name[: -len(suffix)]
+            return [(prefix + part, rows) for part, rows in parts]
+    return [(checkpoint_key(parameter_name), None)]
+
+
+def assemble(
+    parts: list[tuple[str, int | None]], tensors: dict[str, torch.Tensor], shape: torch.Size
+) -> torch.Tensor:
+    """One parameter from its checkpoint tensors: the tensor itself, or the parts stacked by rows
+    after checking that each has the rows and columns the parameter's slice of it needs."""
+    if len(parts) == 1 and parts[0][1] is None:
+        return tensors[parts[0][0]]
+    for key, rows in parts:
+        expected = (rows, *shape[1:])
+        if tuple(tensors[key].shape) != expected:
+            raise CheckpointError(
+                f"tensor {key!r} has shape {tuple(tensors[key].shape)}, the model's config needs {expected}"
+            )
+    return torch.cat([tensors.pop(key) for key, _ in parts])  # pop: each part's memory goes with it
 
 
 def read_state_dict(
@@ -142,10 +170,14 @@ def load_guard_model(
 
     with torch.device("meta"):
         network = Qwen3GuardNetwork(config)
-    by_checkpoint_key = {checkpoint_key(name): name for name, _ in network.named_parameters()}
-    tensors = read_state_dict(checkpoint, set(by_checkpoint_key), target_device, target_dtype)
+    shapes = {name: parameter.shape for name, parameter in network.named_parameters()}
+    parts = {name: checkpoint_parts(name, config) for name in shapes}
+    expected_keys = {key for name_parts in parts.values() for key, _ in name_parts}
+    tensors = read_state_dict(checkpoint, expected_keys, target_device, target_dtype)
     network.load_state_dict(
-        {by_checkpoint_key[key]: tensor for key, tensor in tensors.items()}, strict=True, assign=True
+        {name: assemble(parts[name], tensors, shape) for name, shape in shapes.items()},
+        strict=True,
+        assign=True,
     )
     network.model.rotary.reset(target_device)
     network.eval().requires_grad_(False)

@@ -1,7 +1,9 @@
 """Qwen3Guard-Stream: a Qwen3 decoder with per-token risk and category heads.
 
-Module names follow the official checkpoint's state-dict keys (`model.layers.N.self_attn.q_proj`,
-`risk_level_head`, ...) so weights load by name with nothing renamed.
+Module names follow the official checkpoint's state-dict keys (`model.layers.N.self_attn.o_proj`,
+`risk_level_head`, ...) so weights load by name. Two exceptions, each one GEMM where the checkpoint has
+several: `qkv_proj` holds q_proj, k_proj and v_proj stacked by rows, `gate_up_proj` holds gate_proj and
+up_proj (`FUSED_PARAMETERS`; the loader concatenates them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,28 @@ from processor.model.config import GuardConfig
 from processor.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 
 
+def qkv_rows(config: GuardConfig) -> list[int]:
+    """Rows of q_proj, k_proj and v_proj: query heads, then KV heads twice, each head_dim wide."""
+    query = config.num_attention_heads * config.head_dim
+    key_value = config.num_key_value_heads * config.head_dim
+    return [query, key_value, key_value]
+
+
+def fused_parameters(config: GuardConfig) -> dict[str, list[tuple[str, int]]]:
+    """Our fused parameter's name suffix -> the checkpoint tensors it stacks by rows, in order, each
+    with its row count. One GEMM reads the same weights as the separate ones did, and launches once."""
+    query, key_value, _ = qkv_rows(config)
+    mlp = config.intermediate_size
+    return {
+        "self_attn.qkv_proj.weight": [
+            ("self_attn.q_proj.weight", query),
+            ("self_attn.k_proj.weight", key_value),
+            ("self_attn.v_proj.weight", key_value),
+        ],
+        "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", mlp), ("mlp.up_proj.weight", mlp)],
+    }
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, config: GuardConfig) -> None:
         super().__init__()
@@ -24,9 +48,9 @@ class Qwen3Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        # Output rows of the query, key and value parts, in that order (`qkv_rows`).
+        self.qkv_sizes = qkv_rows(config)
+        self.qkv_proj = nn.Linear(hidden, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         # Qwen3 normalizes queries and keys per head before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -41,9 +65,11 @@ class Qwen3Attention(nn.Module):
         attend: AttentionBackend,
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
-        query = self.q_norm(self.q_proj(hidden).view(tokens, self.num_heads, self.head_dim))
-        key = self.k_norm(self.k_proj(hidden).view(tokens, self.num_kv_heads, self.head_dim))
-        value = self.v_proj(hidden).view(tokens, self.num_kv_heads, self.head_dim)
+        # Column views of one GEMM's output: each row of a part is still contiguous in head_dim.
+        query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+        query = self.q_norm(query.view(tokens, self.num_heads, self.head_dim))
+        key = self.k_norm(key.view(tokens, self.num_kv_heads, self.head_dim))
+        value = value.view(tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rotary
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         attended = attend(query, key, value, kv_layer, batch, self.scale)
@@ -75,7 +101,7 @@ class Qwen3Backbone(nn.Module):
         super().__init__()
         # Uninitialized (weights come from the checkpoint): nn.Embedding's own init draws normal values,
         # which on the meta device the loader builds on runs through torch's Python decompositions and
-        # imports torch._dynamo and triton first: 1.1-1.5 s of every process start, for nothing.
+        # imports torch._dynamo and triton first: over a second of every process start, for nothing.
         self.embed_tokens = nn.Embedding.from_pretrained(
             torch.empty(config.vocab_size, config.hidden_size), freeze=True
         )
@@ -85,7 +111,7 @@ class Qwen3Backbone(nn.Module):
 
 
 class GuardHead(nn.Module):
-    """x = RMSNorm(W_pre h); risk and category logits from x (shared notes, "Architecture")."""
+    """x = RMSNorm(W_pre h); risk and category logits from x (as the checkpoint's modeling_qwen3_guard.py)."""
 
     def __init__(self, hidden_size: int, inner_size: int, num_levels: int, num_categories: int, eps: float):
         super().__init__()
@@ -121,9 +147,23 @@ class GuardLogits:
     query_risk: torch.Tensor
     query_category: torch.Tensor
 
+    def label_matrix(self, with_probabilities: bool = False) -> torch.Tensor:
+        """[tokens, 8] float32: each head's argmax class and its softmax probability, head after head
+        in field order; with probabilities, every head's whole softmax follows, in the same order. One
+        tensor, so that a step reads its results back in one device-to-host copy."""
+        columns, probabilities = [], []
+        for head_logits in (self.risk, self.category, self.query_risk, self.query_category):
+            softmax = head_logits.float().softmax(dim=-1)
+            probability, index = softmax.max(dim=-1)
+            columns += [index.float(), probability]
+            probabilities.append(softmax)
+        matrix = torch.stack(columns, dim=-1)
+        return torch.cat([matrix, *probabilities], dim=-1) if with_probabilities else matrix
+
 
 # The four heads by name, in GuardLogits' field order (results and `score --all-heads` use these).
 HEAD_NAMES: tuple[str, ...] = tuple(field.name for field in fields(GuardLogits))
+LABEL_MATRIX_COLUMNS = 2 * len(HEAD_NAMES)  # class and probability of each head
 
 
 class Qwen3GuardNetwork(nn.Module):

@@ -58,6 +58,9 @@ def engine_config(settings: WorkerSettings) -> EngineConfig:
         max_batch_conversations=settings.max_batch_conversations,
         attention_backend=settings.attention_backend,
         kv_cache_dtype=settings.kv_cache_dtype,
+        cuda_graphs=settings.cuda_graphs,
+        cuda_graph_max_conversations=settings.cuda_graph_max_conversations,
+        cuda_graph_max_tokens=settings.cuda_graph_max_tokens,
     )
 
 

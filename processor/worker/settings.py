@@ -129,6 +129,22 @@ class WorkerSettings(BaseSettings):
         ge=1,
         description="Conversations one engine step runs at most.",
     )
+    cuda_graphs: bool = Field(
+        default=EngineConfig.cuda_graphs,
+        description="Replay engine steps as CUDA graphs of the whole forward, captured at start for "
+        "bucketed step shapes (CUDA, triton attention; auto then picks triton). Opt-in until a GPU run "
+        "has checked it.",
+    )
+    cuda_graph_max_conversations: int = Field(
+        default=EngineConfig.cuda_graph_max_conversations,
+        ge=1,
+        description="Largest step, in conversations, captured as a CUDA graph; larger steps run eagerly.",
+    )
+    cuda_graph_max_tokens: int = Field(
+        default=EngineConfig.cuda_graph_max_tokens,
+        ge=1,
+        description="Largest step, in tokens, captured as a CUDA graph; larger steps run eagerly.",
+    )
     poll_max_records: int = Field(default=2000, ge=1, description="Records per consumer poll (one step).")
     poll_timeout_ms: int = Field(default=5, ge=0)
     fresh_fetch_ms: int = Field(
