@@ -63,6 +63,10 @@ class GuardProducer:
         """Continue a conversation another process started."""
         self._next_seq[conversation_id] = next_seq
 
+    def forget(self, conversation_id: str) -> None:
+        """Drop an ended conversation's counter, so a long-running producer's memory stays bounded."""
+        self._next_seq.pop(conversation_id, None)
+
     async def send_tokens(
         self,
         conversation_id: str,

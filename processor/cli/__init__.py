@@ -15,6 +15,7 @@ COMMAND_MODULES = {
     "worker": "processor.cli.worker",
     "produce": "processor.cli.client",
     "verdicts": "processor.cli.client",
+    "gateway": "processor.cli.gateway",
 }
 
 
