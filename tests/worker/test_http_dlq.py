@@ -12,7 +12,7 @@ from processor.worker.metrics import WorkerMetrics
 
 async def get(port: int, path: str) -> tuple[str, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     response = (await reader.read()).decode()
     writer.close()
