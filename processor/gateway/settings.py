@@ -9,10 +9,11 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from processor.events import DEFAULT_TOKENS_TOPIC, DEFAULT_VERDICTS_TOPIC
+from processor.kafka_connection import KafkaConnection
 from processor.model.labels import Policy
 
 Release = Literal["hold", "live", "audit"]
@@ -24,7 +25,7 @@ def _default_gateway_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(KafkaConnection):
     model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_GATEWAY_", extra="ignore")
 
     listen: str = Field(default="127.0.0.1:8000", description="HOST:PORT to serve on.")
@@ -74,8 +75,7 @@ class GatewaySettings(BaseSettings):
         default=False, description="Serve without keys on a non-loopback address (anyone may call)."
     )
 
-    # Kafka.
-    kafka_bootstrap: str = Field(default="localhost:9092", description="Kafka bootstrap servers.")
+    # Kafka topics and this replica's name (the connection: KafkaConnection).
     tokens_topic: str = DEFAULT_TOKENS_TOPIC
     verdicts_topic: str = DEFAULT_VERDICTS_TOPIC
     gateway_id: str = Field(
@@ -83,25 +83,7 @@ class GatewaySettings(BaseSettings):
         description="Names this replica in Kafka client ids and conversation ids it makes "
         "(default: the host name and a random suffix).",
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body.")
-
-    @model_validator(mode="after")
-    def _sasl_complete(self) -> GatewaySettings:
-        if self.security_protocol.startswith("SASL") and (
-            self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None
-        ):
-            raise ValueError(
-                f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
-            )
-        return self
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -110,26 +92,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
         return host.strip("[]") or "0.0.0.0", int(port)
 
-    def kafka_options(self) -> dict[str, object]:
-        """Connection and security keyword arguments for aiokafka's consumer and producer."""
-        options: dict[str, object] = {
-            "bootstrap_servers": self.kafka_bootstrap,
-            "security_protocol": self.security_protocol,
-            "client_id": f"guardstream-gateway-{self.gateway_id}",
-        }
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
-            )
-        if self.security_protocol.startswith("SASL"):
-            options["sasl_mechanism"] = self.sasl_mechanism
-            options["sasl_plain_username"] = self.sasl_username
-            options["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
-        return options
+    def kafka_client_id(self) -> str:
+        return f"guardstream-gateway-{self.gateway_id}"
 
     def load_api_keys(self) -> list[str]:
         """The configured keys; empty when none are. Raises ValueError naming what is missing."""

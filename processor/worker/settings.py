@@ -6,8 +6,8 @@ import secrets
 import socket
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from processor.engine import EngineConfig
 from processor.engine.kv_cache import DEFAULT_CPU_CACHE_BYTES
@@ -17,6 +17,7 @@ from processor.events import (
     DEFAULT_VERDICTS_TOPIC,
     EventLimits,
 )
+from processor.kafka_connection import KafkaConnection
 from processor.model.labels import Policy
 
 # processor.engine.kv_cache.KV_CACHE_DTYPES and "auto", as a type that lists the flag's choices.
@@ -27,16 +28,13 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(KafkaConnection):
     """A default that belongs to the engine (EngineConfig) or to event decoding (EventLimits) is read
     from there, not restated."""
 
     model_config = SettingsConfigDict(env_prefix="GUARDSTREAM_", extra="ignore")
 
-    # Where things are.
-    kafka_bootstrap: str = Field(
-        default="localhost:9092", description="Kafka bootstrap servers, comma separated."
-    )
+    # Where things are (Kafka's connection settings: KafkaConnection).
     redis_url: str = Field(
         default="redis://localhost:6379/0",
         description="redis:// or rediss:// URL (a password goes here).",
@@ -177,24 +175,6 @@ class WorkerSettings(BaseSettings):
     max_conversations: int = Field(default=100_000, ge=1, description="Open conversations one worker holds.")
 
     # Kafka security, passed through to aiokafka.
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-
-    @model_validator(mode="after")
-    def _sasl_complete(self) -> WorkerSettings:
-        if self.security_protocol.startswith("SASL") and (
-            self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None
-        ):
-            raise ValueError(
-                f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
-            )
-        return self
-
     def event_limits(
         self, vocab_size: int | None, text_allowed: bool, control_ids: frozenset[int] = frozenset()
     ) -> EventLimits:
@@ -214,34 +194,14 @@ class WorkerSettings(BaseSettings):
         # while /readyz still says ready. A timeout turns the hang into a retried outage.
         return {"socket_timeout": self.redis_timeout, "socket_connect_timeout": self.redis_timeout}
 
-    def kafka_options(self) -> dict[str, object]:
-        """Connection and security keyword arguments shared by aiokafka's consumer, producer and admin."""
-        options: dict[str, object] = {
-            "bootstrap_servers": self.kafka_bootstrap,
-            "security_protocol": self.security_protocol,
-            "client_id": f"guardstream-{self.worker_id}",
-        }
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_context"] = kafka_ssl_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
-        if self.security_protocol.startswith("SASL"):
-            options["sasl_mechanism"] = self.sasl_mechanism
-            options["sasl_plain_username"] = self.sasl_username
-            options["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
-        return options
+    def kafka_client_id(self) -> str:
+        return f"guardstream-{self.worker_id}"
 
     def redacted(self) -> dict[str, object]:
         """For the startup log line: secrets masked, and a password inside the Redis URL too."""
         values = self.model_dump(mode="json")
         values["redis_url"] = redact_url(self.redis_url)
         return values
-
-
-def kafka_ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None):
-    from aiokafka.helpers import create_ssl_context
-
-    return create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 
 def redact_url(url: str) -> str:
