@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
 import sys
-import typing
 
 from pydantic import ValidationError
 
-from processor.cli.worker import _choices, _shown_default
+from processor.cli.settings_flags import (
+    add_settings_flags,
+    configure_logging,
+    run_until_stopped,
+    settings_from_flags,
+)
 from processor.gateway.settings import GatewaySettings
 
 
@@ -22,25 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Every flag can also be set as GUARDSTREAM_GATEWAY_<FLAG> "
         "(e.g. GUARDSTREAM_GATEWAY_UPSTREAM). See docs/gateway.md.",
     )
-    for name, field in GatewaySettings.model_fields.items():
-        described = " ".join(filter(None, [field.description, _shown_default(field)]))
-        options: dict[str, typing.Any] = {"default": argparse.SUPPRESS, "help": described.replace("%", "%%")}
-        if field.annotation is bool:
-            options["action"] = "store_true"
-        elif choices := _choices(field.annotation):
-            options["choices"] = choices
-        gateway.add_argument("--" + name.replace("_", "-"), dest=name, **options)
-    gateway.add_argument("--log-level", default="INFO")
+    add_settings_flags(gateway, GatewaySettings)
     gateway.set_defaults(handler=gateway_command)
 
 
 def gateway_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    flags = {name: getattr(args, name) for name in GatewaySettings.model_fields if hasattr(args, name)}
+    configure_logging(args.log_level)
     try:
-        settings = GatewaySettings(**flags)
+        settings = settings_from_flags(GatewaySettings, args)
     except ValidationError as error:
         print(f"guardstream gateway: {error}", file=sys.stderr)
         return 2
@@ -49,15 +39,8 @@ def gateway_command(args: argparse.Namespace) -> int:
         return 2
     from processor.gateway.serve import serve
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
-
     try:
-        asyncio.run(main())
+        run_until_stopped(lambda stop: serve(settings, stop))
     except ValueError as error:  # settings that must not start: say which and how to fix it
         print(f"guardstream gateway: {error}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from processor.cli.worker import build_worker_settings, register
+from processor.cli.settings_flags import settings_from_flags
+from processor.cli.worker import register
 from processor.engine import EngineConfig
 from processor.worker.serve import engine_config
 from processor.worker.settings import WorkerSettings, redact_url
@@ -27,7 +28,7 @@ def test_flags_override_environment(monkeypatch):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["worker", "--partitions", "5", "--template", "raw", "--kafka-bootstrap", "k:1"])
-    settings = build_worker_settings(args)
+    settings = settings_from_flags(WorkerSettings, args)
     assert settings.partitions == 5 and settings.template == "raw" and settings.kafka_bootstrap == "k:1"
 
 
