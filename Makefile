@@ -24,11 +24,20 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not integration" tests
 
+# Kubernetes manifests, validated offline against the schemas kubernetes-validate ships: all but the
+# kustomization (not a Kubernetes object) and the custom resources of KEDA and the Prometheus Operator
+# (tests/deploy checks the ScaledObject against KEDA's documented fields). 1.30: the oldest Kubernetes
+# the manifests are written for.
+K8S_VERSION := 1.30.0
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml %/worker-scaledobject.yaml %/servicemonitor.yaml,\
+	$(wildcard deploy/kubernetes/*.yaml))
+
 # What review checks: lint, formatting, and the one-way imports between packages (pyproject.toml).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $(K8S_VERSION) $(K8S_MANIFESTS)
 
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" STATE_DIR="$(STATE_DIR)" bash scripts/demo.sh
