@@ -7,10 +7,7 @@ so these tests check everything a graph replays except the capture itself, again
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ from processor.engine.cuda_graphs import (
 from processor.engine.kv_cache import allocate_kv_cache, bytes_per_token
 from processor.model import load_guard_model
 from processor.model.attention import AttentionBatch, GatherScratch, get_attention_backend, paged_tables
-from tests.model.test_triton_attention import REPO_ROOT, kernels  # noqa: F401 - kernels: a fixture
+from tests.model.test_triton_attention import compile_in_a_fresh_process, kernels  # noqa: F401 - kernels: a fixture
 
 pytest.importorskip("triton")
 
@@ -223,15 +220,6 @@ def compile_graph_signatures(capability: int = 90) -> None:
 
 
 def test_the_kv_store_compiles_for_a_hopper_gpu_with_the_graphs_int32_slots(tmp_path):
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["TRITON_CACHE_DIR"] = str(tmp_path)
-    script = "from tests.engine.test_cuda_graphs import compile_graph_signatures as c; c()"
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=REPO_ROOT,
-        timeout=300,
+    compile_in_a_fresh_process(
+        "from tests.engine.test_cuda_graphs import compile_graph_signatures as c; c()", tmp_path
     )
-    assert run.returncode == 0, run.stderr

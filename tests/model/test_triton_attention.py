@@ -421,12 +421,10 @@ def compile_for_a_gpu(capability: int = 90) -> None:
         )
 
 
-def test_the_kernels_compile_for_a_hopper_gpu(tmp_path):
-    """What the interpreter cannot show: the kernels pass Triton's compiler (types, loop-carried
-    values, dot shapes) down to a Hopper cubin."""
+def compile_in_a_fresh_process(script: str, cache_dir: Path) -> None:
+    """Run `script` where Triton compiles for real: no interpreter, a cache of the test's own."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["TRITON_CACHE_DIR"] = str(tmp_path)
-    script = "from tests.model.test_triton_attention import compile_for_a_gpu; compile_for_a_gpu()"
+    environment["TRITON_CACHE_DIR"] = str(cache_dir)
     run = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -436,6 +434,14 @@ def test_the_kernels_compile_for_a_hopper_gpu(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_the_kernels_compile_for_a_hopper_gpu(tmp_path):
+    """What the interpreter cannot show: the kernels pass Triton's compiler (types, loop-carried
+    values, dot shapes) down to a Hopper cubin."""
+    compile_in_a_fresh_process(
+        "from tests.model.test_triton_attention import compile_for_a_gpu; compile_for_a_gpu()", tmp_path
+    )
 
 
 def test_triton_is_opt_in_and_refused_on_a_cpu_without_the_interpreter(tiny_model_dir, monkeypatch):
