@@ -21,7 +21,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from processor.events import VerdictEvent
+from processor.events import Role, VerdictEvent
 from processor.gateway.chat import prompt_flagged
 from processor.gateway.services import GatewayServices
 
@@ -57,46 +57,18 @@ async def moderate(services: GatewayServices, texts: list[str]) -> list[TextVerd
 async def _moderate_one(services: GatewayServices, text: str) -> TextVerdict:
     if not text:
         return TextVerdict(False, "Safe", None, None)
-    conversation_id = f"gs-mod-{uuid.uuid4().hex}"
-    arrived: asyncio.Future[VerdictEvent] = asyncio.get_running_loop().create_future()
-
-    def on_verdict(verdict: VerdictEvent) -> None:
-        if verdict.kind in ("prompt", "error") and not arrived.done():
-            arrived.set_result(verdict)
-
-    services.router.register(conversation_id, on_verdict)  # a fresh uuid: never registered yet
-    producer = services.producer
-    settings = services.settings
-    try:
-        try:
-            await producer.send_text(conversation_id, "user", text, end_of_conversation=True)
-        except KafkaError as error:
-            raise ModerationUnavailable(f"guardstream cannot reach Kafka: {error}") from error
-        started = time.monotonic()
-        try:
-            verdict = await asyncio.wait_for(arrived, timeout=settings.verdict_timeout)
-        except TimeoutError:
-            verdict = None
-        if verdict is None or verdict.kind == "error":
-            if verdict is None:
-                problem = (
-                    f"no verdict within --verdict-timeout {settings.verdict_timeout:g} s (a worker down)"
-                )
-            else:
-                problem = f"the worker could not judge the text: {verdict.error}"
-            if verdict is None:
-                services.metrics.verdict_timeouts.labels(fail=settings.fail).inc()
-            if settings.fail == "closed":
-                raise ModerationUnavailable(problem)
-            return TextVerdict(False, None, None, None, error=problem)
-        services.metrics.first_release.observe(time.monotonic() - started)
-        flagged = prompt_flagged(verdict)
-        if flagged:
-            services.metrics.prompt_blocks.labels(category=verdict.category or "unknown").inc()
-        return TextVerdict(flagged, verdict.risk_level, verdict.category, verdict.category_prob)
-    finally:
-        services.router.unregister(conversation_id)
-        producer.forget(conversation_id)
+    started = time.monotonic()
+    verdicts = await _conversation_verdicts(services, [("user", text)], until=("prompt", "error"))
+    if verdicts is None:
+        return _unavailable(services, _timeout_problem(services))
+    verdict = verdicts[-1]
+    if verdict.kind == "error":
+        return _unavailable(services, f"the worker could not judge the text: {verdict.error}")
+    services.metrics.first_release.observe(time.monotonic() - started)
+    flagged = prompt_flagged(verdict)
+    if flagged:
+        services.metrics.prompt_blocks.labels(category=verdict.category or "unknown").inc()
+    return TextVerdict(flagged, verdict.risk_level, verdict.category, verdict.category_prob)
 
 
 async def moderate_replies(
@@ -109,45 +81,68 @@ async def moderate_replies(
 async def _moderate_reply(services: GatewayServices, prompt: str | None, reply: str) -> TextVerdict:
     if not reply:
         return TextVerdict(False, "Safe", None, None)
+    turns: list[tuple[Role, str]] = [("user", prompt)] if prompt else []
+    verdicts = await _conversation_verdicts(
+        services, [*turns, ("assistant", reply)], until=("conversation_end", "error")
+    )
+    if verdicts is None:
+        return _unavailable(services, _timeout_problem(services))
+    errors = [verdict.error for verdict in verdicts if verdict.kind == "error"]
+    if errors and services.settings.fail == "closed":
+        raise ModerationUnavailable(f"the worker could not judge the text: {errors[0]}")
+    alerts = [v for v in verdicts if v.alert and v.role == "assistant" and v.kind == "tokens"]
+    if not alerts:
+        return TextVerdict(False, "Safe", None, None)
+    alert = alerts[0]
+    services.metrics.cuts.labels(category=alert.category or "unknown").inc()
+    return TextVerdict(True, alert.risk_level, alert.category, alert.category_prob)
+
+
+async def _conversation_verdicts(
+    services: GatewayServices, turns: list[tuple[Role, str]], until: tuple[str, ...]
+) -> list[VerdictEvent] | None:
+    """Send `turns` as a new conversation, the last one ending it, and collect its verdicts until one of
+    a kind in `until`; None (counted) when that does not come within --verdict-timeout."""
     conversation_id = f"gs-mod-{uuid.uuid4().hex}"
     verdicts: list[VerdictEvent] = []
-    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_verdict(verdict: VerdictEvent) -> None:
         verdicts.append(verdict)
-        if verdict.kind in ("conversation_end", "error") and not ended.done():
-            ended.set_result(None)
+        if verdict.kind in until and not done.done():
+            done.set_result(None)
 
     services.router.register(conversation_id, on_verdict)  # a fresh uuid: never registered yet
-    producer = services.producer
-    settings = services.settings
+    producer, settings = services.producer, services.settings
     try:
         try:
-            if prompt:
-                await producer.send_text(conversation_id, "user", prompt, end_of_turn=True)
-            await producer.send_text(conversation_id, "assistant", reply, end_of_conversation=True)
+            for index, (role, text) in enumerate(turns):
+                last = index == len(turns) - 1
+                await producer.send_text(
+                    conversation_id, role, text, end_of_turn=not last, end_of_conversation=last
+                )
         except KafkaError as error:
             raise ModerationUnavailable(f"guardstream cannot reach Kafka: {error}") from error
         try:
-            await asyncio.wait_for(ended, timeout=settings.verdict_timeout)
+            await asyncio.wait_for(done, timeout=settings.verdict_timeout)
         except TimeoutError:
             services.metrics.verdict_timeouts.labels(fail=settings.fail).inc()
-            problem = f"no verdict within --verdict-timeout {settings.verdict_timeout:g} s (a worker down)"
-            if settings.fail == "closed":
-                raise ModerationUnavailable(problem) from None
-            return TextVerdict(False, None, None, None, error=problem)
-        errors = [verdict.error for verdict in verdicts if verdict.kind == "error"]
-        if errors and settings.fail == "closed":
-            raise ModerationUnavailable(f"the worker could not judge the text: {errors[0]}")
-        alerts = [v for v in verdicts if v.alert and v.role == "assistant" and v.kind == "tokens"]
-        if not alerts:
-            return TextVerdict(False, "Safe", None, None)
-        alert = alerts[0]
-        services.metrics.cuts.labels(category=alert.category or "unknown").inc()
-        return TextVerdict(True, alert.risk_level, alert.category, alert.category_prob)
+            return None
+        return verdicts
     finally:
         services.router.unregister(conversation_id)
         producer.forget(conversation_id)
+
+
+def _timeout_problem(services: GatewayServices) -> str:
+    return f"no verdict within --verdict-timeout {services.settings.verdict_timeout:g} s (a worker down)"
+
+
+def _unavailable(services: GatewayServices, problem: str) -> TextVerdict:
+    """--fail closed: the request fails saying why; open: the text passes, unjudged, with the reason."""
+    if services.settings.fail == "closed":
+        raise ModerationUnavailable(problem)
+    return TextVerdict(False, None, None, None, error=problem)
 
 
 def openai_result(verdict: TextVerdict, categories: tuple[str, ...]) -> dict[str, Any]:
