@@ -127,6 +127,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _json_object(request: web.Request) -> dict | None:
+    """The request's JSON object; None when the body is not one."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 # Inputs one moderation request may carry; each is a conversation for the workers.
 MAX_MODERATION_INPUTS = 64
 
@@ -135,11 +144,8 @@ async def moderations(request: web.Request) -> web.Response:
     """OpenAI's Moderation API: `{"input": str | [str]}`, each input judged as a user prompt."""
     services = request.app[SERVICES]
     count = services.metrics.requests
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    inputs = body.get("input") if isinstance(body, dict) else None
+    body = await _json_object(request)
+    inputs = body.get("input") if body is not None else None
     texts = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts) or not texts:
         count.labels(endpoint="moderations", outcome="bad_request").inc()
@@ -172,12 +178,9 @@ async def litellm_guardrail(request: web.Request) -> web.Response:
     as replies to the request's last user message, from `structured_messages` when LiteLLM sends them)."""
     services = request.app[SERVICES]
     count = services.metrics.requests
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    texts = body.get("texts") if isinstance(body, dict) else None
-    input_type = body.get("input_type", "request") if isinstance(body, dict) else None
+    body = await _json_object(request)
+    texts = body.get("texts") if body is not None else None
+    input_type = body.get("input_type", "request") if body is not None else None
     if (
         not isinstance(texts, list)
         or not all(isinstance(text, str) for text in texts)
