@@ -19,12 +19,11 @@ buffers runs eagerly, which is what the tests compare with the unpadded path.
 from __future__ import annotations
 
 import time
-from array import array
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
+from processor.engine.step_metadata import StepMetadata, step_metadata
 from processor.model.attention import AttentionBackend, AttentionBatch, GatherScratch, PagedTables
 from processor.model.loader import GuardModel
 from processor.model.qwen3_guard import LABEL_MATRIX_COLUMNS
@@ -89,18 +88,6 @@ def choose_bucket(buckets: list[Bucket], conversations: int, tokens: int) -> Buc
     return min(fitting, default=None)
 
 
-@dataclass
-class StepMetadata:
-    """A step's integers, packed conversation after conversation (the model runner's order)."""
-
-    token_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    lengths: list[int]  # new tokens of each conversation
-    seq_lens: list[int]  # keys of each conversation after the step
-    tables: list[list[int]]  # each conversation's blocks, as many as its keys fill
-
-
 class StepBuffers:
     """The static device tensors the graphs read, and the pinned host buffer a step is packed into.
 
@@ -130,30 +117,24 @@ class StepBuffers:
     def fill(self, step: StepMetadata, bucket: Bucket) -> None:
         """Pack `step` padded to `bucket` on the host, send it, and place its table rows."""
         t, c = self.max_tokens, self.max_conversations
-        tokens, conversations = len(step.token_ids), len(step.lengths)
-        width = max(map(len, step.tables), default=0)
+        tokens, conversations = step.token_ids.numel(), step.lengths.numel()
+        width = step.block_tables.shape[1]
         table_end = self.fixed + conversations * width
-        # Built whole each step, padding included: stale slots would write into another
-        # conversation's block. An array, not a list: torch reads it as one buffer.
-        values = array("i", bytes(4 * table_end))
-        values[:tokens] = array("i", step.token_ids)  # padding tokens: id 0 at position 0
-        values[t : t + tokens] = array("i", step.positions)
-        values[2 * t : 2 * t + bucket.tokens] = array("i", step.slots) + array("i", [PADDING_SLOT]) * (
-            bucket.tokens - tokens
-        )
+        host = self.host
+        # Cleared whole each step, padding included: stale slots would write into another
+        # conversation's block. Padding tokens: id 0 at position 0.
+        host[:table_end].zero_()
+        host[:tokens] = step.token_ids
+        host[t : t + tokens] = step.positions
+        host[2 * t : 2 * t + tokens] = step.slots
+        host[2 * t + tokens : 2 * t + bucket.tokens] = PADDING_SLOT
         starts = 3 * t  # [0, ends of the real conversations' rows..., then T for every padding one]
-        ends = array("i", accumulate(step.lengths)) + array("i", [tokens]) * (
-            bucket.conversations - conversations
-        )
-        values[starts + 1 : starts + bucket.conversations + 1] = ends
+        host[starts : starts + conversations + 1] = step.query_starts
+        host[starts + conversations + 1 : starts + bucket.conversations + 1] = tokens
         lens = starts + c + 1  # padding conversations: no keys
-        values[lens : lens + conversations] = array("i", step.seq_lens)
-        for row, table in enumerate(step.tables):
-            first = self.fixed + row * width
-            values[first : first + len(table)] = array("i", table)  # the rest: TABLE_FILLER (0)
-        assert len(values) == table_end, "a step's columns disagree in length"
-        self.host[:table_end].copy_(torch.frombuffer(values, dtype=torch.int32))
-        self.device_side[:table_end].copy_(self.host[:table_end], non_blocking=True)
+        host[lens : lens + conversations] = step.seq_lens
+        host[self.fixed : table_end] = step.block_tables.view(-1)  # padded by step_metadata with block 0
+        self.device_side[:table_end].copy_(host[:table_end], non_blocking=True)
         if width:
             packed = self.device_side[self.fixed : table_end].view(conversations, width)
             self.block_tables[:conversations, :width].copy_(packed)
@@ -206,7 +187,7 @@ class GraphRunner:
             return 0
         largest = self.buckets[0]
         self.kv_cache = kv_cache
-        self.buffers.fill(StepMetadata([], [], [], [], [], []), largest)
+        self.buffers.fill(step_metadata([], [], [], [], self.block_size), largest)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -229,7 +210,7 @@ class GraphRunner:
         free_before, _ = torch.cuda.mem_get_info()
         pool = None
         for bucket in self.buckets:
-            self.buffers.fill(StepMetadata([], [], [], [], [], []), bucket)
+            self.buffers.fill(step_metadata([], [], [], [], self.block_size), bucket)
             self._forward(bucket)  # warm-up: kernels compiled and libraries set up outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
@@ -245,8 +226,8 @@ class GraphRunner:
         """The step's label matrix on the host ([tokens, 8], then every head's probabilities when
         asked for), or None when no bucket holds the step."""
         assert self.kv_cache is not None, "capture() binds the KV cache before the first step"
-        tokens = len(step.token_ids)
-        bucket = choose_bucket(self.buckets, len(step.lengths), tokens)
+        tokens = step.token_ids.numel()
+        bucket = choose_bucket(self.buckets, step.lengths.numel(), tokens)
         if bucket is None:
             return None
         self.buffers.fill(step, bucket)

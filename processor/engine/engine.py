@@ -22,9 +22,9 @@ from processor.engine.kv_cache import (
     cache_budget_bytes,
     resolve_attention_and_cache,
 )
-from processor.engine.model_runner import ModelRunner
+from processor.engine.model_runner import ModelRunner, StepOutput
 from processor.engine.results import ChunkResult, ChunkStatus, HeadLabels
-from processor.engine.scheduler import ScheduledChunk, Scheduler
+from processor.engine.scheduler import Schedule, Scheduler
 from processor.engine.sequence import LABEL_COLUMNS, ChunkRequest, Conversation
 from processor.model.attention import get_attention_backend
 from processor.model.loader import GuardModel
@@ -82,6 +82,7 @@ class EngineStats:
 class GuardEngine:
     def __init__(self, model: GuardModel, config: EngineConfig | None = None) -> None:
         self.model = model
+        self._max_positions = model.max_positions  # read by every submit
         self.config = config or EngineConfig()
         if model.device.type == "cpu":
             keep_freed_host_memory()
@@ -188,27 +189,24 @@ class GuardEngine:
         conversation). With it, the conversation starts over: the prefix is run to refill the cache
         and only `token_ids` get results.
         """
-        prefix = rebuild_prefix or []
+        rebuild = 0
         if rebuild_prefix is not None:
             self.release(conversation_id)
+            rebuild = len(rebuild_prefix)
         conversation = self._conversations.get(conversation_id)
         if conversation is None:
             conversation = self._conversations[conversation_id] = Conversation(conversation_id)
-        request = ChunkRequest(
-            request_id=next(self._request_ids),
-            conversation_id=conversation_id,
-            token_ids=prefix + list(token_ids),
-            start_position=conversation.next_position,
-            rebuild=len(prefix),
-        )
-        if request.start_position + len(request.token_ids) > self.model.max_positions:
+        tokens = rebuild_prefix + list(token_ids) if rebuild else list(token_ids)
+        start_position = conversation.next_position
+        request = ChunkRequest(next(self._request_ids), conversation_id, tokens, start_position, rebuild)
+        if start_position + len(tokens) > self._max_positions:
             self._finish_early(request, ChunkStatus.CONTEXT_EXCEEDED)
         else:
             conversation.pending.append(request)
             self._idle.pop(conversation_id, None)
             self._waiting[conversation_id] = conversation
-            self._stats.rebuilt_tokens += len(prefix)
-        if conversation.is_idle and not conversation.cached_token_ids:
+            self._stats.rebuilt_tokens += rebuild
+        if not conversation.pending and not conversation.cached_token_ids:
             del self._conversations[conversation_id]
         return request.request_id
 
@@ -244,31 +242,68 @@ class GuardEngine:
         for request in schedule.too_large:
             self._dequeue(self._conversations[request.conversation_id])
             self._finish_early(request, ChunkStatus.EXCEEDS_CACHE)
-        if schedule.chunks:
-            output = self.runner.run(schedule.chunks, self.config.keep_probabilities)
-            row = 0
-            for chunk in schedule.chunks:
-                request, conversation = chunk.request, chunk.conversation
-                conversation.cached_token_ids += chunk.token_ids
-                keep_from = row + max(0, request.rebuild - chunk.offset)  # rebuild rows give no results
-                end = row + chunk.length
-                kept = [values[keep_from:end] for values in output.label_columns]
-                if request.label_columns is None:
-                    request.label_columns = kept
-                else:  # a request split over steps (a long rebuild under the token budget)
-                    for column, values in zip(request.label_columns, kept, strict=True):
-                        column += values
-                if output.probabilities is not None:
-                    for head, rows in output.probabilities.items():
-                        request.probabilities.setdefault(head, []).extend(rows[keep_from:end])
-                request.done += chunk.length
-                row += chunk.length
-                if request.remaining == 0:
-                    self._dequeue(conversation)
-                    self._finished.append(self._result(request, ChunkStatus.OK))
-        self._record_step(schedule.chunks, time.perf_counter() - started, time.thread_time() - cpu_started)
+        if schedule.conversations:
+            output = self.runner.run(schedule, self.config.keep_probabilities)
+            self._take_results(schedule, output)
+        self._record_step(schedule, time.perf_counter() - started, time.thread_time() - cpu_started)
         finished, self._finished = self._finished, []
         return finished
+
+    def _take_results(self, schedule: Schedule, output: StepOutput) -> None:
+        """Hand each scheduled request its rows of the step's label columns; finish the requests that
+        are done. A request run whole in this step, with nothing to rebuild (a streaming step's every
+        request), takes its slices straight into its result."""
+        finished = self._finished
+        columns = output.label_columns
+        risk, risk_prob, category, category_prob = columns[:4]
+        query_risk, query_risk_prob, query_category, query_category_prob = columns[4:]
+        with_probabilities = output.probabilities is not None
+        row = 0
+        for conversation, request, offset, length in zip(
+            schedule.conversations, schedule.requests, schedule.offsets, schedule.lengths, strict=True
+        ):
+            tokens = request.token_ids
+            end = row + length
+            if length == len(tokens) and not request.rebuild and not with_probabilities:
+                conversation.cached_token_ids += tokens
+                finished.append(
+                    ChunkResult(
+                        request.conversation_id,
+                        request.request_id,
+                        request.start_position,
+                        tokens,
+                        HeadLabels(
+                            risk[row:end], risk_prob[row:end], category[row:end], category_prob[row:end]
+                        ),
+                        HeadLabels(
+                            query_risk[row:end],
+                            query_risk_prob[row:end],
+                            query_category[row:end],
+                            query_category_prob[row:end],
+                        ),
+                    )
+                )
+                self._dequeue(conversation)
+            else:
+                conversation.cached_token_ids += tokens[offset : offset + length]
+                self._take_rows(request, output, row + max(0, request.rebuild - offset), end)
+                request.done += length
+                if request.remaining == 0:
+                    self._dequeue(conversation)
+                    finished.append(self._result(request, ChunkStatus.OK))
+            row = end
+
+    def _take_rows(self, request: ChunkRequest, output: StepOutput, first: int, end: int) -> None:
+        """Rows first..end of the step's results for `request` (a part of it, or with a rebuild)."""
+        kept = [values[first:end] for values in output.label_columns]
+        if request.label_columns is None:
+            request.label_columns = kept
+        else:  # a request split over steps (a long rebuild under the token budget)
+            for column, values in zip(request.label_columns, kept, strict=True):
+                column += values
+        if output.probabilities is not None:
+            for head, rows in output.probabilities.items():
+                request.probabilities.setdefault(head, []).extend(rows[first:end])
 
     def run_until_idle(self) -> list[ChunkResult]:
         """Step until nothing is queued (offline scoring, tests, benchmarks)."""
@@ -329,13 +364,13 @@ class GuardEngine:
             probabilities=probabilities,
         )
 
-    def _record_step(self, chunks: list[ScheduledChunk], seconds: float, cpu_seconds: float) -> None:
-        tokens = sum(chunk.length for chunk in chunks)
+    def _record_step(self, schedule: Schedule, seconds: float, cpu_seconds: float) -> None:
+        tokens = schedule.tokens
         stats = self._stats
         stats.tokens_run += tokens
         if tokens:  # a step that only finished requests early says nothing about the model's speed
             stats.last_step_tokens = tokens
             stats.last_step_cpu_seconds = cpu_seconds
-        stats.last_step_conversations = len(chunks)
+        stats.last_step_conversations = len(schedule.conversations)
         stats.last_step_seconds = seconds
         stats.step_seconds_total += seconds

@@ -8,14 +8,14 @@ any other step runs eagerly here, through the same attention kernel.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 
 import torch
 
 from processor.engine.block_manager import BlockManager
-from processor.engine.cuda_graphs import GraphRunner, StepMetadata
-from processor.engine.scheduler import ScheduledChunk
+from processor.engine.cuda_graphs import GraphRunner
+from processor.engine.scheduler import Schedule
+from processor.engine.step_metadata import StepMetadata, long_tensor, step_metadata
 from processor.model.attention import (
     AttentionBackend,
     AttentionBatch,
@@ -27,7 +27,6 @@ from processor.model.attention import (
     flex_packed_attention,
     packed_keys,
     paged_cpu_attention,
-    paged_tables,
     triton_paged_attention,
 )
 from processor.model.cpu_kernel import split_by_work
@@ -45,14 +44,6 @@ class StepOutput:
     # [sequence.LABEL_COLUMNS][tokens], tokens in the scheduled chunks' order; index columns hold ints.
     label_columns: list[list]
     probabilities: dict[str, list[list[float]]] | None  # head -> [tokens][classes], when asked for
-
-
-def long_tensor(values: list[int]) -> torch.Tensor:
-    """An int64 CPU tensor of `values`. Through an array: torch.tensor reads a list one Python int at
-    a time, and a step builds thousands of block-table entries."""
-    if not values:
-        return torch.empty(0, dtype=torch.long)  # frombuffer refuses an empty buffer
-    return torch.frombuffer(array("q", values), dtype=torch.long)
 
 
 def step_output(matrix: torch.Tensor, head_sizes: list[int] | None) -> StepOutput:
@@ -90,156 +81,135 @@ class ModelRunner:
         self.query_classes_by_powers_of_two = self.device.type == "cpu"
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], with_probabilities: bool = False) -> StepOutput:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for chunk in chunks:
-            table = chunk.conversation.block_table
-            token_ids += chunk.token_ids
-            chunk_positions = range(chunk.start_position, chunk.start_position + chunk.length)
-            positions += chunk_positions
-            slots += self.blocks.slots(table, chunk.start_position, chunk.start_position + chunk.length)
+    def run(self, schedule: Schedule, with_probabilities: bool = False) -> StepOutput:
+        block_tables = [conversation.block_table for conversation in schedule.conversations]
+        step = step_metadata(
+            schedule.token_ids,
+            schedule.start_positions,
+            schedule.lengths,
+            block_tables,
+            self.blocks.block_size,
+        )
         if self.graphs is not None:
-            step = StepMetadata(token_ids, positions, slots, *self._lengths_and_tables(chunks))
             matrix = self.graphs.run(step, with_probabilities)
             if matrix is not None:
                 return step_output(matrix, self.graphs.head_sizes if with_probabilities else None)
             self.eager_steps += 1
-        as_tensor = self._to_device
         groups, packed, paged, tables = [], None, None, None
         if self.attend is flex_packed_attention:
-            packed = self._packed_keys(chunks)
+            packed = self._packed_keys(step)
         elif self.attend is paged_cpu_attention:
-            paged = self._paged_chunks(chunks)
+            paged = self._paged_chunks(step)
         elif self.attend is triton_paged_attention:
-            tables = self._paged_tables(chunks)
+            tables = self._paged_tables(step)
         else:
-            groups = self._attention_groups(chunks)
-        batch = AttentionBatch(
-            as_tensor(slots), groups, self.blocks.block_size, self.scratch, packed, paged, tables
-        )
-        logits = self.model.network(
-            as_tensor(token_ids), as_tensor(positions), self.kv_cache, batch, self.attend
-        )
+            groups = self._attention_groups(step, schedule.lengths)
+        token_ids, positions, slots = self._to_device(step.token_ids, step.positions, step.slots)
+        batch = AttentionBatch(slots, groups, self.blocks.block_size, self.scratch, packed, paged, tables)
+        logits = self.model.network(token_ids, positions, self.kv_cache, batch, self.attend)
         matrix = logits.label_matrix(with_probabilities).cpu()  # the step's one device-to-host copy
         sizes = [getattr(logits, name).shape[-1] for name in HEAD_NAMES] if with_probabilities else None
         return step_output(matrix, sizes)
 
-    def _lengths_and_tables(
-        self, chunks: list[ScheduledChunk]
-    ) -> tuple[list[int], list[int], list[list[int]]]:
-        """New tokens, keys after the step and the blocks those keys fill, of each chunk."""
-        lengths = [chunk.length for chunk in chunks]
-        seq_lens = [chunk.start_position + chunk.length for chunk in chunks]
-        tables = [
-            chunk.conversation.block_table[: self.blocks.blocks_for(keys)]
-            for chunk, keys in zip(chunks, seq_lens, strict=True)
-        ]
-        return lengths, seq_lens, tables
+    def _to_device(self, *columns: torch.Tensor, dtype: torch.dtype = torch.long) -> list[torch.Tensor]:
+        """`columns` (1-d host tensors) on the device, as `dtype`, sent in one host-to-device copy."""
+        if self.device.type == "cpu":
+            return [column.to(dtype) for column in columns]
+        packed = torch.cat(columns).to(dtype).to(self.device, non_blocking=True)
+        return list(packed.split([column.numel() for column in columns]))
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        return long_tensor(values).to(self.device, non_blocking=True)
-
-    def _packed_keys(self, chunks: list[ScheduledChunk]) -> PackedKeys:
-        query_owner: list[int] = []
-        query_positions: list[int] = []
-        key_slots: list[int] = []
-        key_owner: list[int] = []
-        key_positions: list[int] = []
-        for index, chunk in enumerate(chunks):
-            end = chunk.start_position + chunk.length
-            query_owner += [index] * chunk.length
-            query_positions += range(chunk.start_position, end)
-            table = chunk.conversation.block_table
-            key_slots += self.blocks.slots(table, 0, end)
-            key_owner += [index] * end
-            key_positions += range(end)
-        as_tensor = self._to_device
-        return packed_keys(
-            as_tensor(query_owner),
-            as_tensor(query_positions),
-            as_tensor(key_slots),
-            as_tensor(key_owner),
-            as_tensor(key_positions),
+    def _packed_keys(self, step: StepMetadata) -> PackedKeys:
+        """Every conversation's keys, end to end: key k of conversation c is its position k."""
+        count, block_size = step.lengths.numel(), self.blocks.block_size
+        conversations = torch.arange(count)
+        query_owner = torch.repeat_interleave(conversations, step.lengths, output_size=step.positions.numel())
+        keys = int(step.seq_lens.sum())
+        key_owner = torch.repeat_interleave(conversations, step.seq_lens, output_size=keys)
+        key_starts = torch.cumsum(step.seq_lens, 0) - step.seq_lens
+        key_positions = torch.arange(keys) - key_starts[key_owner]
+        key_slots = (
+            step.block_tables[key_owner, key_positions // block_size] * block_size
+            + key_positions % block_size
         )
+        return packed_keys(*self._to_device(query_owner, step.positions, key_slots, key_owner, key_positions))
 
-    def _paged_chunks(self, chunks: list[ScheduledChunk]) -> PagedChunks:
-        rows: list[int] = []
-        tables: list[int] = []
-        row, max_context = 0, 0
-        for chunk in chunks:
-            context = chunk.start_position + chunk.length
-            rows += (row, chunk.start_position, chunk.length, len(tables))
-            tables += chunk.conversation.block_table[: self.blocks.blocks_for(context)]
-            row, max_context = row + chunk.length, max(max_context, context)
-        chunk_table = long_tensor(rows).view(-1, 4)
+    def _paged_chunks(self, step: StepMetadata) -> PagedChunks:
+        """The C kernel's chunk table: each conversation's first packed row, first position, new
+        tokens, and where its row of the step's block tables starts."""
+        count, width = step.block_tables.shape
+        chunk_table = torch.stack(
+            (step.query_starts[:-1], step.start_positions, step.lengths, torch.arange(count) * width), dim=1
+        )
         return PagedChunks(
             chunk_table,
-            long_tensor(tables),
-            max(chunk.length for chunk in chunks),
-            max_context,
+            step.block_tables.view(-1),
+            step.max_length,
+            step.max_seq_len,
             split_by_work(chunk_table, torch.get_num_threads()),  # once a step, for every layer
         )
 
-    def _paged_tables(self, chunks: list[ScheduledChunk]) -> PagedTables:
-        return paged_tables(*self._lengths_and_tables(chunks), self.device)
+    def _paged_tables(self, step: StepMetadata) -> PagedTables:
+        """The Triton kernel's columns, int32, in one host-to-device copy."""
+        query_starts, seq_lens, block_tables = self._to_device(
+            step.query_starts, step.seq_lens, step.block_tables.view(-1), dtype=torch.int32
+        )
+        return PagedTables(query_starts, seq_lens, block_tables.view(step.block_tables.shape))
 
-    def _attention_groups(self, chunks: list[ScheduledChunk]) -> list[AttentionGroup]:
+    def _attention_groups(self, step: StepMetadata, lengths: list[int]) -> list[AttentionGroup]:
         """Chunks split by query length (`split_by_query_length`), then each part by key length
         (`split_by_key_length`), so that a group pads little in either direction."""
-        first_rows, row = [], 0
-        for chunk in chunks:
-            first_rows.append(row)
-            row += chunk.length
+        block_size = self.blocks.block_size
+        widths = [-(-keys // block_size) for keys in step.seq_lens.tolist()]
+        start_positions = step.start_positions
         groups = []
-        lengths = [chunk.length for chunk in chunks]
         for kind in split_by_query_length(lengths, self.query_classes_by_powers_of_two):
-            widths = [
-                self.blocks.blocks_for(chunks[index].start_position + chunks[index].length) for index in kind
-            ]
-            for members in split_by_key_length(widths):
+            for members in split_by_key_length([widths[index] for index in kind]):
                 chosen = [kind[member] for member in members]
-                groups.append(self._group([chunks[i] for i in chosen], [first_rows[i] for i in chosen]))
+                queries = max(map(lengths.__getitem__, chosen))
+                table_width = max(map(widths.__getitem__, chosen))
+                groups.append(self._group(step, start_positions, long_tensor(chosen), queries, table_width))
         return groups
 
-    def _group(self, chunks: list[ScheduledChunk], first_rows: list[int]) -> AttentionGroup:
-        block_size = self.blocks.block_size
-        queries = max(chunk.length for chunk in chunks)
-        context = max(chunk.start_position + chunk.length for chunk in chunks)
-        table_width = self.blocks.blocks_for(context)
-        tables = [chunk.conversation.block_table[:table_width] for chunk in chunks]
-        tables = [table + [0] * (table_width - len(table)) for table in tables]
-        # [B, 3]: first packed row, first position, token count of each chunk.
-        shape = torch.tensor(
-            [
-                [row, chunk.start_position, chunk.length]
-                for row, chunk in zip(first_rows, chunks, strict=True)
-            ],
-            dtype=torch.long,
-        ).to(self.device, non_blocking=True)
-        block_tables = torch.tensor(tables, dtype=torch.long).to(self.device, non_blocking=True)
-
-        offsets = torch.arange(queries, device=self.device)
-        query_valid = offsets[None, :] < shape[:, 2:3]
-        token_rows = torch.where(query_valid, shape[:, 0:1] + offsets[None, :], 0)
-        # Padded query rows get position 0 so they attend to one real key and stay finite.
-        query_positions = torch.where(query_valid, shape[:, 1:2] + offsets[None, :], 0)
+    def _group(
+        self,
+        step: StepMetadata,
+        start_positions: torch.Tensor,
+        members: torch.Tensor,
+        queries: int,
+        table_width: int,
+    ) -> AttentionGroup:
+        """The AttentionGroup of the step's conversations `members`, padded to `queries` new tokens and
+        `table_width` blocks of keys. Its indexes are built on the host and sent in one copy: a device
+        nonzero() would force a sync every step."""
+        count, device = members.numel(), self.device
+        first_rows, first_positions = step.query_starts[members], start_positions[members]
+        if queries == 1:  # one new token each (streaming): no padded rows
+            token_rows, query_positions = first_rows, first_positions
+            valid_flat, valid_tokens = torch.arange(count), first_rows
+        else:
+            offsets = torch.arange(queries)
+            valid = offsets < step.lengths[members, None]
+            token_rows = torch.where(valid, first_rows[:, None] + offsets, 0).view(-1)
+            # Padded query rows get position 0 so they attend to one real key and stay finite.
+            query_positions = torch.where(valid, first_positions[:, None] + offsets, 0).view(-1)
+            valid_flat, valid_tokens = valid.view(-1).nonzero().view(-1), token_rows[valid.view(-1)]
+        tables = step.block_tables[members, :table_width].reshape(-1)
+        token_rows, query_positions, block_tables, valid_flat, valid_tokens = self._to_device(
+            token_rows, query_positions, tables, valid_flat, valid_tokens
+        )
         # Keys are read by whole blocks: key j of a row is position j of its conversation.
-        key_positions = torch.arange(table_width * block_size, device=self.device)
-        allowed = key_positions[None, None, :] <= query_positions[:, :, None]
+        key_positions = torch.arange(table_width * self.blocks.block_size, device=device)
         # Additive, in the compute dtype, built once per step: SDPA would convert a bool mask in
         # every layer.
-        mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
-        mask.masked_fill_(~allowed, float("-inf"))
-        # Built on the host from the lengths: a device nonzero() would force a sync every step.
-        flat_rows: list[int] = []
-        token_indexes: list[int] = []
-        for index, (row, chunk) in enumerate(zip(first_rows, chunks, strict=True)):
-            flat_rows += range(index * queries, index * queries + chunk.length)
-            token_indexes += range(row, row + chunk.length)
-        valid_flat, valid_tokens = self._to_device(flat_rows), self._to_device(token_indexes)
-        return AttentionGroup(token_rows, valid_flat, valid_tokens, block_tables, mask[None])
+        mask = torch.zeros((count, queries, key_positions.numel()), dtype=self.model.dtype, device=device)
+        mask.masked_fill_(key_positions > query_positions.view(count, queries, 1), float("-inf"))
+        return AttentionGroup(
+            token_rows.view(count, queries),
+            valid_flat,
+            valid_tokens,
+            block_tables.view(count, table_width),
+            mask[None],
+        )
 
 
 def split_by_query_length(lengths: list[int], by_powers_of_two: bool = True) -> list[list[int]]:
@@ -251,6 +221,8 @@ def split_by_query_length(lengths: list[int], by_powers_of_two: bool = True) -> 
     classes are powers of two (docs/benchmarks.md). On CUDA a group costs kernel launches in every
     layer while padded queries cost little compute: there only single-token chunks are kept apart.
     """
+    if max(lengths, default=0) == 1:  # the streaming step: one class
+        return [list(range(len(lengths)))]
     classes: dict[int, list[int]] = {}
     for index, length in enumerate(lengths):
         key = (length - 1).bit_length() if by_powers_of_two else min(length - 1, 1)
@@ -267,11 +239,11 @@ def split_by_key_length(widths: list[int]) -> list[list[int]]:
     """
     order = sorted(range(len(widths)), key=widths.__getitem__)
     runs: list[list[int]] = []
+    widest = 0  # the current run may take members up to this wide
     for index in order:
-        if runs:
-            narrowest = widths[runs[-1][0]]
-            if widths[index] <= max(KEY_LENGTH_SPREAD * narrowest, KEY_BLOCKS_UNSPLIT):
-                runs[-1].append(index)
-                continue
-        runs.append([index])
+        if runs and widths[index] <= widest:
+            runs[-1].append(index)
+        else:  # a run's first member is its narrowest
+            runs.append([index])
+            widest = max(KEY_LENGTH_SPREAD * widths[index], KEY_BLOCKS_UNSPLIT)
     return runs

@@ -13,30 +13,25 @@ from processor.engine.block_manager import BlockManager
 from processor.engine.sequence import ChunkRequest, Conversation
 
 
-# Not frozen, and its derived fields computed once: one is built per conversation per step, and read
-# several times by the runner and the engine (a frozen dataclass's __init__ sets each field through
-# object.__setattr__).
 @dataclass(slots=True)
-class ScheduledChunk:
-    """`length` tokens of `request`, from its index `offset`, run in this step."""
-
-    conversation: Conversation
-    request: ChunkRequest
-    offset: int
-    length: int
-    start_position: int = field(init=False)
-    token_ids: list[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.start_position = self.request.start_position + self.offset
-        self.token_ids = self.request.token_ids[self.offset : self.offset + self.length]
-
-
-@dataclass
 class Schedule:
-    chunks: list[ScheduledChunk]
+    """Who runs in the step, as columns over its conversations, from which the model runner builds the
+    step's tensors whole: conversation i runs `lengths[i]` tokens of `requests[i]`, its first queued
+    request, from the request's index `offsets[i]`, at positions from `start_positions[i]`.
+    `token_ids` holds every conversation's tokens, packed in that order."""
+
+    conversations: list[Conversation] = field(default_factory=list)
+    requests: list[ChunkRequest] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    start_positions: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     # Requests that can never fit: their conversation needs more blocks than the whole cache has.
-    too_large: list[ChunkRequest]
+    too_large: list[ChunkRequest] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class Scheduler:
@@ -61,31 +56,48 @@ class Scheduler:
             waiting_conversations.values(),
             key=lambda conversation: conversation.pending[0].request_id,  # oldest request first
         )
-        chunks: list[ScheduledChunk] = []
-        too_large: list[ChunkRequest] = []
+        schedule = Schedule()
+        conversations, requests, lengths = schedule.conversations, schedule.requests, schedule.lengths
+        token_ids = schedule.token_ids
         token_budget = self.max_batch_tokens
+        block_size, num_blocks = self.blocks.block_size, self.blocks.num_blocks
         for conversation in waiting:
-            if token_budget == 0 or len(chunks) == self.max_batch_conversations:
+            if token_budget == 0 or len(conversations) == self.max_batch_conversations:
                 break
             request = conversation.pending[0]
-            if (
-                self.blocks.blocks_for(request.start_position + len(request.token_ids))
-                > self.blocks.num_blocks
-            ):
-                too_large.append(request)
+            request_tokens = request.token_ids
+            if -(-(request.start_position + len(request_tokens)) // block_size) > num_blocks:
+                schedule.too_large.append(request)
                 continue
-            length = min(request.remaining, token_budget)
-            end_position = request.start_position + request.done + length
-            if not self._make_room(idle_conversations, conversation, end_position):
-                continue
-            self.blocks.grow(conversation.block_table, end_position)
-            chunks.append(ScheduledChunk(conversation, request, request.done, length))
+            done = request.done
+            length = min(len(request_tokens) - done, token_budget)
+            start_position = request.start_position + done
+            end_position = start_position + length
+            # Most steps add no block: a conversation's table grows once every block_size tokens.
+            if -(-end_position // block_size) > len(conversation.block_table):
+                if not self._make_room(idle_conversations, conversation, end_position):
+                    continue
+                self.blocks.grow(conversation.block_table, end_position)
+            conversations.append(conversation)
+            requests.append(request)
+            schedule.offsets.append(done)
+            lengths.append(length)
+            schedule.start_positions.append(start_position)
+            if length == len(request_tokens):
+                token_ids += request_tokens
+            else:
+                token_ids += request_tokens[done : done + length]
             token_budget -= length
         # Every waiting conversation blocked by the caches of other waiting ones: take the oldest
         # one's room from the others (they rebuild from their own cached tokens later).
-        if not chunks and not too_large and waiting and self._preempt_for(waiting[0], waiting[1:]):
+        if (
+            not conversations
+            and not schedule.too_large
+            and waiting
+            and self._preempt_for(waiting[0], waiting[1:])
+        ):
             return self.schedule(waiting_conversations, idle_conversations)
-        return Schedule(chunks, too_large)
+        return schedule
 
     def _make_room(
         self, idle: dict[str, Conversation], conversation: Conversation, end_position: int

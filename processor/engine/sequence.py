@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ LABEL_COLUMNS = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkRequest:
     """Tokens to run for one caller request.
 
@@ -56,7 +57,8 @@ class Conversation:
     conversation_id: str
     # Token ids whose keys and values are in the cache, in order (position = index).
     cached_token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    # int64, so that a step copies each table into its metadata whole (step_metadata.padded_tables).
+    block_table: array = field(default_factory=lambda: array("q"))
     pending: deque[ChunkRequest] = field(default_factory=deque)
 
     @property

@@ -8,6 +8,8 @@ so these tests check everything a graph replays except the capture itself, again
 from __future__ import annotations
 
 import random
+from array import array
+from itertools import accumulate
 
 import pytest
 import torch
@@ -19,11 +21,11 @@ from processor.engine.cuda_graphs import (
     Bucket,
     GraphRunner,
     StepBuffers,
-    StepMetadata,
     choose_bucket,
     step_buckets,
 )
 from processor.engine.kv_cache import allocate_kv_cache, bytes_per_token
+from processor.engine.step_metadata import StepMetadata, step_metadata
 from processor.model import load_guard_model
 from processor.model.attention import AttentionBatch, GatherScratch, get_attention_backend, paged_tables
 from tests.model.test_triton_attention import compile_in_a_fresh_process, kernels  # noqa: F401 - kernels: a fixture
@@ -56,9 +58,27 @@ def test_a_step_takes_the_bucket_that_pads_it_least_or_none():
     assert choose_bucket(buckets, conversations=2, tokens=65) is None
 
 
+def columns(token_ids, positions, slots, lengths, seq_lens, tables) -> StepMetadata:
+    """A StepMetadata of these columns as they are (not necessarily a consistent step)."""
+    width = max(map(len, tables))
+    padded = [table + [0] * (width - len(table)) for table in tables]
+    return StepMetadata(
+        torch.tensor(token_ids),
+        torch.tensor(positions),
+        torch.tensor(slots),
+        torch.tensor(lengths),
+        torch.tensor([keys - length for keys, length in zip(seq_lens, lengths, strict=True)]),
+        torch.tensor([0, *accumulate(lengths)]),
+        torch.tensor(seq_lens),
+        torch.tensor(padded),
+        max(lengths),
+        max(seq_lens),
+    )
+
+
 def test_a_smaller_step_after_a_larger_one_leaves_no_stale_metadata_in_its_bucket():
     buffers = StepBuffers(max_conversations=4, max_tokens=16, max_blocks=6, device=torch.device("cpu"))
-    large = StepMetadata(
+    large = columns(
         token_ids=list(range(100, 112)),
         positions=list(range(12)),
         slots=list(range(40, 52)),
@@ -67,7 +87,7 @@ def test_a_smaller_step_after_a_larger_one_leaves_no_stale_metadata_in_its_bucke
         tables=[[5, 6], [7], [8], [9, 10]],
     )
     buffers.fill(large, Bucket(16, 4))
-    small = StepMetadata([7, 8, 9], [20, 3, 9], [60, 61, 62], [2, 1], [22, 10], [[5, 6, 11], [9, 10]])
+    small = columns([7, 8, 9], [20, 3, 9], [60, 61, 62], [2, 1], [22, 10], [[5, 6, 11], [9, 10]])
     buffers.fill(small, Bucket(4, 4))
     assert buffers.token_ids[:4].tolist() == [7, 8, 9, 0]
     assert buffers.positions[:4].tolist() == [20, 3, 9, 0]
@@ -117,7 +137,8 @@ def test_the_padded_forward_writes_and_returns_what_the_unpadded_one_does(kernel
             seq_lens.append(start + length)
             step_tables.append(table[: -(-(start + length) // block_size)])
             cached[conversation] += length
-        step = StepMetadata(token_ids, positions, slots, lengths, seq_lens, step_tables)
+        starts = [keys - length for keys, length in zip(seq_lens, lengths, strict=True)]
+        step = step_metadata(token_ids, starts, lengths, [array("q", t) for t in step_tables], block_size)
         padded = runner.run(step, with_probabilities=True)
         assert padded is not None
 

@@ -9,10 +9,10 @@ import torch
 from processor.engine.model_runner import (
     KEY_BLOCKS_UNSPLIT,
     KEY_LENGTH_SPREAD,
-    long_tensor,
     split_by_key_length,
     split_by_query_length,
 )
+from processor.engine.step_metadata import long_tensor
 
 
 def test_similar_widths_stay_one_group():

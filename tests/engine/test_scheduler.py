@@ -44,15 +44,16 @@ def test_token_budget_splits_a_long_prompt_and_keeps_fifo_order():
     held = Held(BlockManager(64, 4), tokens=10)
     held.add(conversation_with("late", request_id=2, tokens=1))
     held.add(conversation_with("early", request_id=1, tokens=25))
-    chunks = held.schedule().chunks
-    assert [(chunk.conversation.conversation_id, chunk.length) for chunk in chunks] == [("early", 10)]
+    schedule = held.schedule()
+    assert [c.conversation_id for c in schedule.conversations] == ["early"] and schedule.lengths == [10]
+    assert schedule.offsets == [0] and schedule.start_positions == [0] and schedule.token_ids == [2] * 10
 
 
 def test_conversation_budget_caps_the_batch():
     held = Held(BlockManager(64, 4), conversations=3)
     for index in range(5):
         held.add(conversation_with(f"c{index}", index, tokens=1))
-    assert len(held.schedule().chunks) == 3
+    assert len(held.schedule().conversations) == 3
 
 
 def test_least_recently_used_idle_conversation_is_evicted_when_blocks_run_out():
@@ -63,13 +64,26 @@ def test_least_recently_used_idle_conversation_is_evicted_when_blocks_run_out():
         blocks.grow(conversation.block_table, 8)
         held.add(conversation)
     held.add(conversation_with("new", 9, tokens=5))
-    chunks = held.schedule().chunks
+    schedule = held.schedule()
     assert held.evicted == ["old"] and list(held.idle) == ["recent"]
-    assert [chunk.conversation.conversation_id for chunk in chunks] == ["new"]
+    assert [conversation.conversation_id for conversation in schedule.conversations] == ["new"]
 
 
 def test_request_larger_than_the_whole_cache_is_reported_not_scheduled():
     held = Held(BlockManager(2, 4))
     held.add(conversation_with("huge", 0, tokens=9))
     schedule = held.schedule()
-    assert schedule.chunks == [] and [request.conversation_id for request in schedule.too_large] == ["huge"]
+    assert schedule.conversations == [] and [request.conversation_id for request in schedule.too_large] == [
+        "huge"
+    ]
+
+
+def test_a_split_request_goes_on_from_where_its_last_step_ended():
+    held = Held(BlockManager(64, 4), tokens=10)
+    conversation = conversation_with("long", request_id=1, tokens=0, cached=3)
+    conversation.pending.append(ChunkRequest(1, "long", list(range(25)), start_position=3, done=10))
+    held.add(conversation)
+    schedule = held.schedule()
+    assert schedule.offsets == [10] and schedule.lengths == [10] and schedule.start_positions == [13]
+    assert schedule.token_ids == list(range(10, 20)) and schedule.tokens == 10
+    assert len(conversation.block_table) == 6, "blocks for the 23 tokens cached after the step"
