@@ -1,4 +1,5 @@
-"""A single-node Apache Kafka (KRaft, broker+controller in one JVM) run straight from Maven Central jars.
+"""Apache Kafka on this machine (KRaft), run straight from Maven Central jars: one node or a cluster of
+several, each node a broker and a controller in one JVM, the controllers forming one quorum.
 
 Why jars from Maven and not a tarball: Maven Central is reachable wherever PyPI is, and `mvn` resolves
 the broker's whole runtime classpath for us. The jars are fetched once into the user cache and reused.
@@ -11,6 +12,7 @@ import base64
 import contextlib
 import fcntl
 import html
+import json
 import logging
 import os
 import re
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,12 @@ from processor.local.process import (
     ManagedProcess,
     ServiceError,
     describe_exit,
-    free_port,
     is_running,
     port_in_use,
     spawn,
     tail,
 )
+from processor.worker.topics import replication_for
 
 KAFKA_VERSION = os.environ.get("GUARDSTREAM_KAFKA_VERSION", "4.4.0")
 # Kafka 4 logs through slf4j 1.7 -> log4j2; it ships log4j-core but no slf4j binding, so we add one.
@@ -86,14 +88,40 @@ _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 @dataclass(frozen=True)
-class KafkaInstance:
-    process: ManagedProcess
+class KafkaNode:
+    """One node of a local cluster: its id (1, 2, ...) and the ports of its two listeners."""
+
+    node_id: int
     port: int
     controller_port: int
 
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def voter(self) -> str:
+        return f"{self.node_id}@{HOST}:{self.controller_port}"
+
+
+@dataclass(frozen=True)
+class KafkaInstance:
+    process: ManagedProcess
+    node: KafkaNode
+
+    @property
+    def bootstrap(self) -> str:
+        return self.node.bootstrap
+
+
+def bootstrap_servers(nodes: Sequence[KafkaNode]) -> str:
+    """Every node's address: a client that knows them all still starts when one is down."""
+    return ",".join(node.bootstrap for node in nodes)
+
+
+def node_home(state_dir: Path, node_id: int) -> Path:
+    """A node's config, data and logs: `kafka/` for node 1 (a single node's folder), `kafka-<id>/` else."""
+    return state_dir / ("kafka" if node_id == 1 else f"kafka-{node_id}")
 
 
 def cache_root() -> Path:
@@ -199,7 +227,7 @@ def ensure_distribution(version: str = KAFKA_VERSION) -> Path:
     return libs
 
 
-def _cluster_id() -> str:
+def _new_cluster_id() -> str:
     # Kafka's own format: 16 random bytes, URL-safe base64 without padding, never starting with '-'.
     while True:
         text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -207,30 +235,51 @@ def _cluster_id() -> str:
             return text
 
 
-def _write_config(home: Path, port: int, controller_port: int) -> Path:
+def _cluster_id(state_dir: Path, nodes: Sequence[KafkaNode]) -> str:
+    """The id the nodes formatted so far carry (all nodes of a cluster must share it), else a new one."""
+    for node in nodes:
+        meta = node_home(state_dir, node.node_id) / "data" / "meta.properties"
+        with contextlib.suppress(OSError):
+            if match := re.search(r"^cluster\.id=(\S+)$", meta.read_text(), re.MULTILINE):
+                return match.group(1)
+    return _new_cluster_id()
+
+
+def _replication_props(brokers: int) -> dict[str, str]:
+    """Defaults for every topic, the internal ones included: the worker's own rule (as many copies as
+    brokers, up to three; two in sync from two copies up), so a topic created anyhow gets the same."""
+    replication = replication_for(brokers)
+    factor, min_isr = str(replication.replication_factor), str(replication.min_insync_replicas)
+    return {
+        "default.replication.factor": factor,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": factor,
+        "transaction.state.log.replication.factor": factor,
+        "transaction.state.log.min.isr": min_isr,
+        "share.coordinator.state.topic.replication.factor": factor,
+        "share.coordinator.state.topic.min.isr": min_isr,
+    }
+
+
+def _write_config(home: Path, node: KafkaNode, nodes: Sequence[KafkaNode]) -> Path:
     data = home / "data"
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     props = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "node.id": str(node.node_id),
+        "controller.quorum.voters": ",".join(voter.voter for voter in nodes),
+        "listeners": f"PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{node.port}",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(data),
         "num.partitions": "1",
         "auto.create.topics.enable": "true",
-        # One node: every internal topic must live with a single replica.
-        "offsets.topic.replication.factor": "1",
+        **_replication_props(len(nodes)),
         "offsets.topic.num.partitions": "10",  # fewer than the default 50: faster first group join
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
         "transaction.state.log.num.partitions": "10",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
         # Tests and demos join groups one consumer at a time; don't wait 3 s for more members.
         "group.initial.rebalance.delay.ms": "0",
         # A development broker must not fill the disk: each partition keeps its newest 256 MiB (the
@@ -262,7 +311,7 @@ def _java_base(java: str, libs: Path, home: Path) -> list[str]:
     ]
 
 
-def _format_storage(java: str, libs: Path, home: Path, config: Path) -> None:
+def _format_storage(java: str, libs: Path, home: Path, config: Path, cluster_id: str) -> None:
     if (home / "data" / "meta.properties").exists():
         return  # formatted by an earlier `up`: keep its topics and offsets
     result = subprocess.run(
@@ -271,7 +320,7 @@ def _format_storage(java: str, libs: Path, home: Path, config: Path) -> None:
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            _cluster_id(),
+            cluster_id,
             "-c",
             str(config),
             "--ignore-formatted",
@@ -284,22 +333,27 @@ def _format_storage(java: str, libs: Path, home: Path, config: Path) -> None:
         raise ServiceError(f"Kafka storage format failed:\n{result.stdout}{result.stderr}")
 
 
-def start(state_dir: Path, port: int | None = None, controller_port: int | None = None) -> KafkaInstance:
-    """Fetch (once), configure, format (once) and launch the broker; returns without waiting."""
+def is_formatted(state_dir: Path, node_id: int) -> bool:
+    """Has this node data from an earlier `up` (topics, offsets, the quorum's log)?"""
+    return (node_home(state_dir, node_id) / "data" / "meta.properties").exists()
+
+
+def start(state_dir: Path, nodes: Sequence[KafkaNode], node_id: int) -> KafkaInstance:
+    """Fetch (once), configure, format (once) and launch node `node_id` of the cluster `nodes`; returns
+    without waiting. A node that ran before comes back with its data."""
     java = java_command()
     libs = ensure_distribution()
-    home = state_dir / "kafka"
-    port = port or free_port(HOST)
-    controller_port = controller_port or free_port(HOST)
-    for taken in (port, controller_port):
+    node = next(node for node in nodes if node.node_id == node_id)
+    home = node_home(state_dir, node_id)
+    for taken in (node.port, node.controller_port):
         if port_in_use(HOST, taken):
             raise ServiceError(f"Port {taken} on {HOST} is already in use; pick another --kafka-port.")
-    config = _write_config(home, port, controller_port)
-    _format_storage(java, libs, home, config)
+    config = _write_config(home, node, nodes)
+    _format_storage(java, libs, home, config, _cluster_id(state_dir, nodes))
     cmd = [*_java_base(java, libs, home), "kafka.Kafka", str(config)]
     # The config path is in the command line: it tells our broker apart from any other JVM.
     process = spawn("kafka", cmd, home / "kafka.out", marker=str(config), cwd=home)
-    return KafkaInstance(process, port, controller_port)
+    return KafkaInstance(process, node)
 
 
 def _run_sync(factory: Callable[[], Awaitable[_T]]) -> _T:
@@ -315,22 +369,26 @@ def _run_sync(factory: Callable[[], Awaitable[_T]]) -> _T:
         return pool.submit(asyncio.run, runner()).result()
 
 
-async def _metadata_ready(bootstrap: str) -> bool:
+async def _metadata_ready(bootstrap: str, node_id: int | None) -> bool:
     from aiokafka import AIOKafkaClient
     from aiokafka.errors import KafkaError
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await client.bootstrap()
-        # Serving metadata with itself as broker and an elected controller = ready for clients.
-        return bool(client.cluster.brokers()) and client.cluster.controller is not None
+        # Serving metadata that lists it as a broker (registered and unfenced, so caught up with the
+        # quorum's log) and names a controller: ready for clients.
+        brokers = {broker.nodeId for broker in client.cluster.brokers()}
+        listed = node_id in brokers if node_id is not None else bool(brokers)
+        return listed and client.cluster.controller is not None
     except KafkaError:
         return False
     finally:
         await client.close()
 
 
-def broker_answers(bootstrap: str) -> bool:
+def broker_answers(bootstrap: str, node_id: int | None = None) -> bool:
+    """Does the broker at `bootstrap` serve metadata (listing node `node_id` as a live broker, if given)?"""
     host, _, port = bootstrap.rpartition(":")
     if not port_in_use(host, int(port)):
         return False
@@ -338,25 +396,43 @@ def broker_answers(bootstrap: str) -> bool:
     level = aiokafka_log.level
     aiokafka_log.setLevel(logging.CRITICAL)  # connection errors while booting are expected noise
     try:
-        return _run_sync(lambda: _metadata_ready(bootstrap))
+        return _run_sync(lambda: _metadata_ready(bootstrap, node_id))
     finally:
         aiokafka_log.setLevel(level)
 
 
 def wait_ready(instance: KafkaInstance, state_dir: Path, timeout: float = START_TIMEOUT_S) -> None:
-    home = state_dir / "kafka"
+    """Until the node serves clients; a node of a cluster also needs a majority of its controllers up."""
+    home = node_home(state_dir, instance.node.node_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(instance.process):
             raise EndedDuringStartup(
-                f"Kafka {describe_exit(instance.process)} during startup.\n"
+                f"Kafka node {instance.node.node_id} {describe_exit(instance.process)} during startup.\n"
                 f"Last lines of {home / 'kafka.out'} and server.log:\n"
                 f"{tail(home / 'kafka.out', 20)}\n{tail(home / 'logs' / 'server.log')}"
             )
-        if broker_answers(instance.bootstrap):
+        if broker_answers(instance.bootstrap, instance.node.node_id):
             return
         time.sleep(0.3)
     raise ServiceError(
-        f"Kafka did not answer on {instance.bootstrap} within {timeout:.0f}s. "
+        f"Kafka node {instance.node.node_id} did not answer on {instance.bootstrap} within {timeout:.0f}s. "
         f"Last lines of {home / 'logs' / 'server.log'}:\n{tail(home / 'logs' / 'server.log')}"
     )
+
+
+def active_controller(state_dir: Path, node_ids: Sequence[int]) -> int | None:
+    """The quorum's leader (the active controller), from the quorum state each node keeps on disk: the
+    leader of the newest epoch any node knows. None while no node knows one. aiokafka has no
+    DescribeQuorum, and the metadata's controller id is any broker in KRaft."""
+    newest: tuple[int, int] | None = None  # (epoch, leader)
+    for node_id in node_ids:
+        path = node_home(state_dir, node_id) / "data" / "__cluster_metadata-0" / "quorum-state"
+        try:
+            quorum = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        epoch, leader = int(quorum.get("leaderEpoch", -1)), int(quorum.get("leaderId", -1))
+        if leader >= 0 and (newest is None or epoch > newest[0]):
+            newest = (epoch, leader)
+    return newest[1] if newest else None

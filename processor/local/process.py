@@ -159,15 +159,24 @@ def _signal(proc: ManagedProcess, sig: signal.Signals) -> None:
 
 def stop(proc: ManagedProcess, timeout: float = 20.0) -> bool:
     """SIGTERM, then SIGKILL after `timeout`. Returns True if it was ours and running."""
-    if not is_running(proc):
-        return False
-    _signal(proc, signal.SIGTERM)
-    if _wait_gone(proc, timeout):
-        return True
-    if is_running(proc):
-        _signal(proc, signal.SIGKILL)
-    _wait_gone(proc, 5.0)
-    return True
+    return stop_all([proc], timeout)[0]
+
+
+def stop_all(procs: Sequence[ManagedProcess], timeout: float = 20.0) -> list[bool]:
+    """`stop` for several processes at once, each True if it was ours and running. The nodes of one
+    cluster go down together: stopped one by one, the last would wait on a quorum that has left."""
+    ours = [is_running(proc) for proc in procs]
+    running = [proc for proc, alive in zip(procs, ours, strict=True) if alive]
+    for proc in running:
+        _signal(proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    left = [proc for proc in running if not _wait_gone(proc, deadline - time.monotonic())]
+    for proc in left:
+        if is_running(proc):
+            _signal(proc, signal.SIGKILL)
+    for proc in left:
+        _wait_gone(proc, 5.0)
+    return ours
 
 
 def _wait_gone(proc: ManagedProcess, timeout: float) -> bool:

@@ -28,6 +28,7 @@ START_TIMEOUT_S = 20.0
 class RedisInstance:
     process: ManagedProcess
     port: int
+    name: str = "redis"  # also its folder in the state folder
 
     @property
     def url(self) -> str:
@@ -35,18 +36,24 @@ class RedisInstance:
 
 
 def redis_server() -> str:
-    found = shutil.which("redis-server")
+    return redis_binary("redis-server", "redis-server")
+
+
+def redis_binary(name: str, debian_package: str) -> str:
+    found = shutil.which(name)
     if not found:
         raise ServiceError(
-            "`redis-server` was not found on PATH.\n"
-            "Install it, e.g.: apt-get install redis-server (or brew install redis)"
+            f"`{name}` was not found on PATH.\n"
+            f"Install it, e.g.: apt-get install {debian_package} (or brew install redis)"
         )
     return found
 
 
-def start(state_dir: Path, port: int | None = None) -> RedisInstance:
+def start(
+    state_dir: Path, port: int | None = None, name: str = "redis", extra_args: tuple[str, ...] = ()
+) -> RedisInstance:
     binary = redis_server()
-    home = state_dir / "redis"
+    home = state_dir / name
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port(HOST)
     if port_in_use(HOST, port):
@@ -67,10 +74,11 @@ def start(state_dir: Path, port: int | None = None) -> RedisInstance:
         str(home / "redis.pid"),
         "--logfile",
         str(home / "redis.log"),
+        *extra_args,
     ]
     # redis-server rewrites its process title, but it always keeps its own name in it.
-    process = spawn("redis", cmd, home / "redis.out", marker="redis-server", cwd=home)
-    return RedisInstance(process, port)
+    process = spawn(name, cmd, home / "redis.out", marker="redis-server", cwd=home)
+    return RedisInstance(process, port, name)
 
 
 def ping(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -84,7 +92,7 @@ def ping(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def wait_ready(instance: RedisInstance, state_dir: Path, timeout: float = START_TIMEOUT_S) -> None:
-    home = state_dir / "redis"
+    home = state_dir / instance.name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_running(instance.process):

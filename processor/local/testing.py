@@ -1,9 +1,9 @@
 """Real Kafka / Redis endpoints for test sessions, from the cheapest source available.
 
-Order, per service: an address given in the environment (GUARDSTREAM_TEST_KAFKA / GUARDSTREAM_TEST_REDIS),
-else a testcontainers container when a Docker engine answers, else a local process started through
-`processor.local.services` in a throw-away state folder. Everything started here is stopped when the
-caller's ExitStack closes.
+Order, per service: an address given in the environment (GUARDSTREAM_TEST_KAFKA / GUARDSTREAM_TEST_REDIS /
+GUARDSTREAM_TEST_REDIS_CLUSTER), else a testcontainers container when a Docker engine answers (not for the
+Redis Cluster), else local processes started through `processor.local.services` in a throw-away state
+folder. Everything started here is stopped when the caller's ExitStack closes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from processor.local import services
 
 KAFKA_ENV = "GUARDSTREAM_TEST_KAFKA"
 REDIS_ENV = "GUARDSTREAM_TEST_REDIS"
+REDIS_CLUSTER_ENV = "GUARDSTREAM_TEST_REDIS_CLUSTER"  # a node's redis:// URL
 NO_DOCKER_ENV = "GUARDSTREAM_TEST_NO_DOCKER"  # set to 1 to force local processes even with Docker
 KAFKA_IMAGE = f"apache/kafka:{kafka_service.KAFKA_VERSION}"
 REDIS_IMAGE = "redis:7"
@@ -62,6 +63,10 @@ def redis_endpoint(stack: contextlib.ExitStack, state_dir: Path) -> str:
     if docker_available():
         return _redis_container(stack)
     return _local(stack, state_dir, "redis")
+
+
+def redis_cluster_endpoint(stack: contextlib.ExitStack, state_dir: Path) -> str:
+    return os.environ.get(REDIS_CLUSTER_ENV) or _local(stack, state_dir, "redis-cluster")
 
 
 def _local(stack: contextlib.ExitStack, state_dir: Path, name: str) -> str:

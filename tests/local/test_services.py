@@ -4,7 +4,6 @@ and `guardstream local up/down` leaves nothing running behind it."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -125,6 +124,16 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
+def _recorded_pids(state: Path) -> list[int]:
+    """Every process `up` recorded in the state folder (each node's, for a cluster)."""
+    return [
+        node["pid"]
+        for info in services.status(state).values()
+        for node in info.get("nodes", [info])
+        if node["pid"] is not None
+    ]
+
+
 @pytest.mark.skipif(
     not shutil.which("redis-server") or not shutil.which("java"),
     reason="guardstream local needs redis-server and java on PATH",
@@ -143,7 +152,7 @@ def test_cli_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert libs_marker.exists()
     fetched_at = libs_marker.stat().st_mtime_ns
 
-    pids = [entry["process"]["pid"] for entry in json.loads((state / "services.json").read_text()).values()]
+    pids = _recorded_pids(state)
     assert len(pids) == 2
     assert all(info["running"] for info in services.status(state).values())
 
@@ -162,10 +171,6 @@ def test_cli_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert "Fetching" not in restart.stderr
         assert libs_marker.stat().st_mtime_ns == fetched_at
     finally:
-        restart_pids = [
-            entry["process"]["pid"]
-            for entry in json.loads((state / "services.json").read_text()).values()
-            if "process" in entry
-        ]
+        restart_pids = _recorded_pids(state)
         assert _cli("down", "--state-dir", str(state)).returncode == 0
     assert all(_gone(pid) for pid in restart_pids), restart_pids
