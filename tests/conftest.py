@@ -2,8 +2,10 @@
 
 Service fixtures (session-scoped, started lazily on first use, stopped at session end):
     kafka_bootstrap -> "host:port"        redis_url -> "redis://host:port/0"
-Where they come from, per service: GUARDSTREAM_TEST_KAFKA / GUARDSTREAM_TEST_REDIS if set, else a
-testcontainers container if a Docker engine answers, else local processes (processor.local).
+    redis_cluster_url -> "redis://host:port/0", a node of a Redis Cluster (3 primaries, a replica each)
+Where they come from, per service: GUARDSTREAM_TEST_KAFKA / GUARDSTREAM_TEST_REDIS /
+GUARDSTREAM_TEST_REDIS_CLUSTER if set, else a testcontainers container if a Docker engine answers (not
+for the cluster), else local processes (processor.local).
 
 Per-test names (function-scoped), so tests share one broker and one Redis without seeing each other:
     topic_prefix -> "gs-test.<test>.<nanos>"     unique_topic("events") -> "<topic_prefix>.events"
@@ -20,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from processor.local.testing import kafka_endpoint, redis_endpoint, unique_name
+from processor.local.testing import kafka_endpoint, redis_cluster_endpoint, redis_endpoint, unique_name
 
-SERVICE_FIXTURES = {"kafka_bootstrap", "redis_url"}
+SERVICE_FIXTURES = {"kafka_bootstrap", "redis_url", "redis_cluster_url"}
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +42,12 @@ def kafka_bootstrap(_local_services_dir: Path) -> Iterator[str]:
 def redis_url(_local_services_dir: Path) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         yield redis_endpoint(stack, _local_services_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(_local_services_dir: Path) -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        yield redis_cluster_endpoint(stack, _local_services_dir)
 
 
 @pytest.fixture

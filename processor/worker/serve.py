@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
-from redis.asyncio import Redis
 
 from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine
 from processor.model import GuardModel, load_guard_model
@@ -22,6 +19,7 @@ from processor.worker.pipeline import SettledHistory, StepChain
 from processor.worker.rebalance import RebalanceListener
 from processor.worker.session_store import SessionStore
 from processor.worker.settings import WorkerSettings
+from processor.worker.topics import raise_for_create_errors, replication_for
 from processor.worker.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -32,20 +30,38 @@ PRODUCER_BATCH_BYTES = 512 * 1024
 
 
 async def ensure_topics(settings: WorkerSettings) -> None:
-    """Create the topics that are missing; existing topics are never altered."""
+    """Create the topics that are missing, replicated as `replication_for` decides from the brokers the
+    cluster lists now; existing topics are never altered (an operator's own configs stay)."""
     admin = AIOKafkaAdminClient(**settings.kafka_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication_factor)
-            for name in (settings.tokens_topic, settings.verdicts_topic, settings.dlq_topic)
-            if name not in existing
-        ]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another worker created it first
-                await admin.create_topics(missing)
-            log.info("created topics %s", [topic.name for topic in missing])
+        names = [settings.tokens_topic, settings.verdicts_topic, settings.dlq_topic]
+        missing = [name for name in names if name not in existing]
+        if not missing:
+            return
+        brokers = len((await admin.describe_cluster())["brokers"])
+        replication = replication_for(brokers, settings.replication_factor)
+        response = await admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    num_partitions=settings.partitions,
+                    replication_factor=replication.replication_factor,
+                    topic_configs=replication.topic_configs(),
+                )
+                for name in missing
+            ]
+        )
+        raise_for_create_errors(response.topic_errors)
+        log.info(
+            "created topics %s: %d partitions, replication factor %d, min.insync.replicas %d (%d brokers)",
+            missing,
+            settings.partitions,
+            replication.replication_factor,
+            replication.min_insync_replicas,
+            brokers,
+        )
     finally:
         await admin.close()
 
@@ -76,9 +92,15 @@ async def serve(
     if model.device.type == "cpu":
         torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
     metrics = WorkerMetrics()
-    redis = Redis.from_url(settings.redis_url, **settings.redis_options())
+    redis = settings.redis_client()
     store = SessionStore(
-        redis, settings.redis_key_prefix, settings.session_ttl, settings.ended_session_ttl, settings.worker_id
+        redis,
+        settings.redis_key_prefix,
+        settings.session_ttl,
+        settings.ended_session_ttl,
+        settings.worker_id,
+        settings.redis_wait_replicas,
+        settings.redis_wait_timeout_ms,
     )
     chain = StepChain(settings.steps_in_flight)
     engine = GuardEngine(model, engine_config(settings))

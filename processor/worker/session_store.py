@@ -1,15 +1,18 @@
 """Conversation sessions in Redis: one hash of metadata and one compact token history per conversation.
 
-Keys (prefix configurable):
-    {prefix}session:{conversation_id}   hash: turn, role, next_seq, length, status, worst_level,
-                                        worst_category, worst_prob, alert_position, owner, updated,
-                                        text_tail, opener_in_tail, verdict_state (debounce
-                                        internals, JSON)
-    {prefix}history:{conversation_id}   string: every token id fed to the model, uint32 little-endian,
-                                        appended per step (4 bytes a token; GETRANGE reads a prefix)
+Keys (prefix configurable), hash-tagged by conversation so that a conversation's keys share a Redis
+Cluster slot:
+    <prefix>session:{<conversation id>}   hash: turn, role, next_seq, length, status, worst_level,
+                                          worst_category, worst_prob, alert_position, owner, updated,
+                                          text_tail, opener_in_tail, verdict_state (debounce
+                                          internals, JSON)
+    <prefix>history:{<conversation id>}   string: every token id fed to the model, uint32
+                                          little-endian, appended per step (4 bytes a token; GETRANGE
+                                          reads a prefix)
 
 The history is what the engine rebuilds a conversation's KV cache from (this class is its TokenHistory).
-All conversations of a step are written in one MULTI/EXEC round trip. Each conversation's write is
+A step's conversations are written by one script call per hash slot: one call in all on a single
+Redis, one per slot on a cluster (pipelined, one round trip per node). Each conversation's write is
 conditional on the `next_seq` read at the start of the step, which makes a retried write (reply lost)
 and a write by a worker that lost the partition both harmless: neither can append history twice.
 """
@@ -20,18 +23,29 @@ import json
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from pydantic_core import to_json  # a step's session writes: ~3x json.dumps
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from processor.worker.template import TurnState
 from processor.worker.verdicts import NO_FLAG, Flag, VerdictState
 
 SessionStatus = Literal["active", "ended", "error"]
 
-# One call writes every session of a step, atomically (as MULTI/EXEC would). The fields travel as one
+# One call writes the sessions of one hash slot, atomically (as MULTI/EXEC would). The fields travel as one
 # JSON document rather than as separate arguments: redis-py packs every argument in Python, which cost
 # more than everything else of a step's save. KEYS: per conversation its session hash and history.
 # ARGV[1]: JSON list, per conversation [expected next_seq ("" = no session yet), ttl seconds, [field,
@@ -57,6 +71,21 @@ for i, update in ipairs(updates) do
 end
 return results
 """
+
+
+class ReplicasBehind(RedisConnectionError):
+    """Fewer replicas than asked acknowledged a step's writes in time (`--redis-wait-replicas`)."""
+
+
+# What a Redis outage or a cluster failover raises: waited out and retried, nothing committed meanwhile.
+REDIS_OUTAGES: tuple[type[Exception], ...] = (
+    RedisConnectionError,  # ReplicasBehind too
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+)
 
 
 class HistoryMissing(RuntimeError):
@@ -91,25 +120,49 @@ class SessionUpdate:
     fed_token_ids: Sequence[int]
 
 
+@dataclass(slots=True)
+class _SlotWrite:
+    """One script call: the updates of a step whose keys share a hash slot."""
+
+    updates: list[SessionUpdate] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    writes: list[list[str | list[str]]] = field(default_factory=list)
+    histories: list[bytes] = field(default_factory=list)
+
+    def args(self) -> list[bytes]:
+        return [to_json(self.writes), *self.histories]
+
+
 class SessionStore:
     def __init__(
-        self, redis: Redis, key_prefix: str, session_ttl: int, ended_session_ttl: int, owner: str
+        self,
+        redis: Redis | RedisCluster,
+        key_prefix: str,
+        session_ttl: int,
+        ended_session_ttl: int,
+        owner: str,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
         self._redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
         self._prefix = key_prefix
         self._session_ttl = session_ttl
         self._ended_session_ttl = ended_session_ttl
         self._owner = owner
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
         self._write = redis.register_script(_WRITE_SESSIONS)
 
     def session_key(self, conversation_id: str) -> str:
-        return f"{self._prefix}session:{conversation_id}"
+        return f"{self._prefix}session:{{{conversation_id}}}"
 
     def history_key(self, conversation_id: str) -> str:
-        return f"{self._prefix}history:{conversation_id}"
+        return f"{self._prefix}history:{{{conversation_id}}}"
 
     async def load_sessions(self, conversation_ids: Iterable[str]) -> dict[str, Session]:
-        """Every listed conversation's session, in one round trip; new ones come back empty."""
+        """Every listed conversation's session, in one round trip (one per node on a cluster); new ones
+        come back empty."""
         conversation_ids = list(conversation_ids)
         async with self._redis.pipeline(transaction=False) as pipe:
             for conversation_id in conversation_ids:
@@ -121,33 +174,75 @@ class SessionStore:
         }
 
     async def save(self, updates: Sequence[SessionUpdate]) -> list[str]:
-        """Write a step's sessions in one atomic call; returns the conversations whose stored session had
-        moved on (written by another worker), which the caller must not trust its GPU state for."""
+        """Write a step's sessions, each conversation atomically; returns the conversations whose stored
+        session had moved on (written by another worker), which the caller must not trust its GPU state
+        for. With `wait_replicas`, returns only once that many replicas hold every write."""
         if not updates:
             return []
         now = repr(time.time())
-        keys: list[str] = []
-        writes: list[list[str | list[str]]] = []
-        histories: list[bytes] = []
+        slots: dict[int, _SlotWrite] = {}
         for update in updates:
             after = update.after
-            keys += [self.session_key(after.conversation_id), self.history_key(after.conversation_id)]
+            session_key = self.session_key(after.conversation_id)
+            write = slots.setdefault(key_slot(session_key.encode()) if self._cluster else 0, _SlotWrite())
+            write.updates.append(update)
+            write.keys += [session_key, self.history_key(after.conversation_id)]
             ttl = self._ended_session_ttl if after.closed else self._session_ttl
             expected = str(update.before.next_seq) if update.before.stored else ""
             # Only what changed since the stored session (the write applies only on top of it).
             stored = update.before if update.before.stored else None
-            writes.append([expected, str(ttl), _hash_fields(after, self._owner, now, stored)])
-            histories.append(pack_token_ids(update.fed_token_ids))
-        args = [to_json(writes), *histories]
-        replies = await self._write(keys=keys, args=args)
+            write.writes.append([expected, str(ttl), _hash_fields(after, self._owner, now, stored)])
+            write.histories.append(pack_token_ids(update.fed_token_ids))
+        writes = list(slots.values())
+        if len(writes) == 1 and not self._wait_replicas:
+            replies = [await self._write(keys=writes[0].keys, args=writes[0].args())]
+        else:
+            replies = await self._write_pipelined(writes)
         conflicts = []
-        for update, reply in zip(updates, replies, strict=True):
-            if reply == 1:
-                continue
-            # A retry of a write whose reply was lost finds its own next_seq stored: already applied.
-            if _as_str(reply) != str(update.after.next_seq):
-                conflicts.append(update.after.conversation_id)
+        for write, reply in zip(writes, replies, strict=True):
+            for update, applied in zip(write.updates, reply, strict=True):
+                # A retry of a write whose reply was lost finds its own next_seq stored: already applied.
+                if applied != 1 and _as_str(applied) != str(update.after.next_seq):
+                    conflicts.append(update.after.conversation_id)
         return conflicts
+
+    async def _write_pipelined(self, writes: list[_SlotWrite]) -> list[list]:
+        """Every slot's script call in one pipeline, then WAIT on each connection written to (WAIT
+        counts the replicas that acknowledged that connection's writes)."""
+        for attempt in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    await self._write(keys=write.keys, args=write.args(), client=pipe)
+                if self._wait_replicas:
+                    for node in self._written_nodes(writes):
+                        pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms, **node)
+                replies = await pipe.execute(raise_on_error=False)
+            script_replies, acks = replies[: len(writes)], replies[len(writes) :]
+            if attempt == 0 and any(isinstance(reply, NoScriptError) for reply in script_replies):
+                # A cluster pipeline does not load scripts: a new or promoted primary lacks it.
+                await self._redis.script_load(_WRITE_SESSIONS)
+                continue  # the writes that did apply are recognised as such (their next_seq)
+            break
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if any(acked < self._wait_replicas for acked in acks):
+            raise ReplicasBehind(
+                f"{min(acks)} of {self._wait_replicas} replicas acknowledged the step's session writes "
+                f"within {self._wait_timeout_ms} ms"
+            )
+        return script_replies
+
+    def _written_nodes(self, writes: list[_SlotWrite]) -> list[dict[str, object]]:
+        """`execute_command` routing for WAIT: each primary written to on a cluster; the one connection
+        of a single Redis's pipeline needs none."""
+        if not self._cluster:
+            return [{}]
+        nodes = {}
+        for write in writes:
+            node = self._redis.get_node_from_key(write.keys[0])
+            nodes[node.name] = node
+        return [{"target_nodes": node} for node in nodes.values()]
 
     async def load(self, conversation_id: str, length: int) -> list[int]:
         """The first `length` token ids fed to the model (the engine's TokenHistory)."""

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from processor.engine import EngineConfig
 from processor.engine.kv_cache import DEFAULT_CPU_CACHE_BYTES
@@ -54,7 +56,12 @@ class WorkerSettings(KafkaConnection):
     dlq_topic: str = "guard.dlq"
     group_id: str = "guardstream"
     partitions: int = Field(default=12, ge=1, description="Partitions of topics the worker creates.")
-    replication_factor: int = Field(default=1, ge=1, description="Replication of topics the worker creates.")
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replication of topics the worker creates (default: the cluster's brokers, up to 3; "
+        "min.insync.replicas 2 from 2 copies up).",
+    )
 
     # What the worker does.
     template: Literal["chat", "raw"] = Field(
@@ -72,6 +79,18 @@ class WorkerSettings(KafkaConnection):
     redis_key_prefix: str = "guardstream:"
     redis_timeout: float = Field(
         default=5.0, gt=0, description="Seconds a Redis call may hang before it is retried (hung server)."
+    )
+    redis_cluster: bool = Field(
+        default=False, description="redis_url names a node of a Redis Cluster (any one: it finds the rest)."
+    )
+    redis_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Before a step's offsets are committed, wait until this many replicas hold its "
+        "session writes (Redis WAIT), so that a failover cannot lose them; 0: do not wait.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=100, ge=1, description="How long one WAIT may take; short of replicas, the save is retried."
     )
 
     # Serving.
@@ -193,6 +212,11 @@ class WorkerSettings(KafkaConnection):
         # Explicit: redis-py before 6 waits forever on a hung server, which would stall the worker
         # while /readyz still says ready. A timeout turns the hang into a retried outage.
         return {"socket_timeout": self.redis_timeout, "socket_connect_timeout": self.redis_timeout}
+
+    def redis_client(self) -> Redis | RedisCluster:
+        """A client for `redis_url`: a cluster client with `redis_cluster`."""
+        client = RedisCluster if self.redis_cluster else Redis
+        return client.from_url(self.redis_url, **self.redis_options())
 
     def kafka_client_id(self) -> str:
         return f"guardstream-{self.worker_id}"

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from processor.engine import AsyncGuardEngine
 from processor.events import EventLimits
@@ -44,7 +42,7 @@ from processor.worker.pipeline import SessionCache, SettledHistory, StepChain
 from processor.worker.prepare import Preparing
 from processor.worker.publisher import BatchPublisher
 from processor.worker.rebalance import IDLE_SWEEP_SECONDS, OpenConversations, Rebalancing
-from processor.worker.session_store import SessionStore
+from processor.worker.session_store import REDIS_OUTAGES, SessionStore
 from processor.worker.settings import WorkerSettings
 from processor.worker.template import TurnWriter
 from processor.worker.text import IncrementalTokenizer
@@ -197,7 +195,7 @@ class Worker(Fetching, Preparing, Finishing, Rebalancing):
         while True:
             try:
                 result = await call()
-            except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError) as error:
+            except (ConnectionError, TimeoutError, OSError, *REDIS_OUTAGES) as error:
                 if stop.is_set() and attempt >= len(RETRY_BACKOFF_SECONDS):
                     raise
                 delay = RETRY_BACKOFF_SECONDS[min(attempt, len(RETRY_BACKOFF_SECONDS) - 1)]

@@ -8,7 +8,6 @@ import json
 import random
 
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from processor.client import GuardProducer
@@ -55,10 +54,19 @@ def tiny_model(tmp_path_factory):
     return load_guard_model(path, device="cpu", dtype="float32")
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_target(request) -> tuple[str, bool]:
+    """Every test here runs against a single Redis and against a Redis Cluster: (URL, cluster)."""
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster_url"), True
+    return request.getfixturevalue("redis_url"), False
+
+
 @pytest.fixture
-def settings(kafka_bootstrap, redis_url, topic_prefix, redis_prefix):
+def settings(kafka_bootstrap, redis_target, topic_prefix, redis_prefix):
+    redis_url, cluster = redis_target
     return lambda **overrides: worker_settings(
-        kafka_bootstrap, redis_url, topic_prefix, redis_prefix, **overrides
+        kafka_bootstrap, redis_url, topic_prefix, redis_prefix, redis_cluster=cluster, **overrides
     )
 
 
@@ -216,7 +224,7 @@ async def test_verdict_modes_publish_less(tiny_model, settings, mode):
             assert verdict.alert, "turns mode publishes token verdicts only for alerts"
 
 
-async def test_redis_session_and_expiry(tiny_model, settings, redis_url, redis_prefix):
+async def test_redis_session_and_expiry(tiny_model, settings, redis_prefix):
     config = settings(ended_session_ttl=30)
     special = special_token_ids(tiny_model.tokenizer)
     turns = encode_turns(tiny_model, CONVERSATIONS[3])
@@ -227,30 +235,31 @@ async def test_redis_session_and_expiry(tiny_model, settings, redis_url, redis_p
             await producer.send_tokens("r-0", "assistant", turns[1][1], end_of_conversation=True)
             await producer.flush()
         await collect(config.kafka_bootstrap, config.verdicts_topic, ended(["r-0"]))
-        redis = aioredis.from_url(redis_url)
+        redis = config.redis_client()
         try:
             # Verdicts are published before the step's Redis write (then the commit): wait for the write.
             for _ in range(100):
-                if await redis.hget(f"{redis_prefix}session:r-0", "status") == b"ended":
+                if await redis.hget(f"{redis_prefix}session:{{r-0}}", "status") == b"ended":
                     break
                 await asyncio.sleep(0.1)
             session = {
-                k.decode(): v.decode() for k, v in (await redis.hgetall(f"{redis_prefix}session:r-0")).items()
+                k.decode(): v.decode()
+                for k, v in (await redis.hgetall(f"{redis_prefix}session:{{r-0}}")).items()
             }
-            history = unpack_token_ids(await redis.get(f"{redis_prefix}history:r-0"))
+            history = unpack_token_ids(await redis.get(f"{redis_prefix}history:{{r-0}}"))
             assert history == render_conversation(turns, special)
             assert session["next_seq"] == "2" and session["length"] == str(len(history))
             assert session["status"] == "ended" and session["owner"] == "worker-a" and session["role"] == ""
             assert session["turn"] == "1"
-            assert 0 < await redis.ttl(f"{redis_prefix}session:r-0") <= 30
-            assert 0 < await redis.ttl(f"{redis_prefix}history:r-0") <= 30
+            assert 0 < await redis.ttl(f"{redis_prefix}session:{{r-0}}") <= 30
+            assert 0 < await redis.ttl(f"{redis_prefix}history:{{r-0}}") <= 30
             for _ in range(50):  # r-1's event may land in a later step
-                if await redis.exists(f"{redis_prefix}session:r-1"):
+                if await redis.exists(f"{redis_prefix}session:{{r-1}}"):
                     break
                 await asyncio.sleep(0.1)
-            open_session = await redis.hgetall(f"{redis_prefix}session:r-1")
+            open_session = await redis.hgetall(f"{redis_prefix}session:{{r-1}}")
             assert open_session[b"status"] == b"active" and open_session[b"role"] == b"user"
-            assert 30 < await redis.ttl(f"{redis_prefix}session:r-1") <= config.session_ttl
+            assert 30 < await redis.ttl(f"{redis_prefix}session:{{r-1}}") <= config.session_ttl
         finally:
             await redis.aclose()
 
@@ -288,7 +297,7 @@ async def test_seq_gap_and_duplicate_redelivery(tiny_model, settings):
 
 
 async def test_a_failed_save_is_redone_with_the_same_verdicts_and_nothing_applied_twice(
-    tiny_model, settings, redis_url, redis_prefix, monkeypatch
+    tiny_model, settings, redis_prefix, monkeypatch
 ):
     """A step's Redis write fails after its verdicts went out: the steps from there on are void, the
     worker rewinds to the committed offsets, the engine drops what it ran beyond Redis, and the events
@@ -322,14 +331,14 @@ async def test_a_failed_save_is_redone_with_the_same_verdicts_and_nothing_applie
         await send_raw(config.kafka_bootstrap, config.tokens_topic, records)
         collected = await collect(config.kafka_bootstrap, config.verdicts_topic, ended(["f"]))
         # The first attempt may have published everything, conversation_end included: wait for the redo.
-        redis = aioredis.from_url(redis_url)
+        redis = config.redis_client()
         try:
             for _ in range(600):
-                session = await redis.hgetall(f"{redis_prefix}session:f")
+                session = await redis.hgetall(f"{redis_prefix}session:{{f}}")
                 if session.get(b"status") == b"ended":
                     break
                 await asyncio.sleep(0.1)
-            history = unpack_token_ids(await redis.get(f"{redis_prefix}history:f"))
+            history = unpack_token_ids(await redis.get(f"{redis_prefix}history:{{f}}"))
         finally:
             await redis.aclose()
         collected = await collect(config.kafka_bootstrap, config.verdicts_topic, redone(len(events)))
@@ -431,7 +440,7 @@ async def test_bad_input_goes_to_dlq_and_the_rest_proceeds(tiny_model, settings)
     assert any(v.kind == "tokens" for v in verdicts.verdicts())
 
 
-async def test_two_workers_split_the_partitions(tiny_model, settings, redis_url, redis_prefix):
+async def test_two_workers_split_the_partitions(tiny_model, settings, redis_prefix):
     first, second = settings(worker_id="worker-a"), settings(worker_id="worker-b")
     special = special_token_ids(tiny_model.tokenizer)
     conversations = {
@@ -448,9 +457,9 @@ async def test_two_workers_split_the_partitions(tiny_model, settings, redis_url,
     for conversation_id, turns in conversations.items():
         streamed = streamed_token_labels(verdicts, conversation_id)
         assert_labels_match(streamed, expected_token_labels(tiny_model, render_conversation(turns, special)))
-    redis = aioredis.from_url(redis_url)
+    redis = first.redis_client()
     try:
-        owners = {(await redis.hget(f"{redis_prefix}session:{cid}", "owner")) for cid in conversations}
+        owners = {(await redis.hget(f"{redis_prefix}session:{{{cid}}}", "owner")) for cid in conversations}
     finally:
         await redis.aclose()
     assert owners == {b"worker-a", b"worker-b"}
