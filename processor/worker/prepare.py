@@ -83,6 +83,7 @@ class Preparing:
     # Of the other stages, which the worker has too.
     track: Callable[..., None]
     with_retry: Callable[[Callable[[], Awaitable[Any]], asyncio.Event, str], Awaitable[Any]]
+    release_moved_on: Callable[[dict[str, Session]], Awaitable[None]]
 
     async def prepare(
         self,
@@ -151,6 +152,7 @@ class Preparing:
         missing = [conversation_id for conversation_id, session in found.items() if session is None]
         if missing:
             loaded = await self.with_retry(lambda: self.store.load_sessions(missing), stop, "load sessions")
+            await self.release_moved_on(loaded)
             found.update(loaded)
         return found  # type: ignore[return-value]
 

@@ -1,4 +1,12 @@
-"""Which conversations this worker holds, by partition: freed when their partition goes or they idle out."""
+"""Which conversations this worker holds, by partition: freed when their partition goes or they idle out.
+
+A rebalance revokes every partition (aiokafka's protocol is eager) and then assigns, and some come
+back to the same worker. So a revocation keeps the engine state of its conversations and the
+assignment frees those whose partition went elsewhere. A conversation kept
+over a rebalance is checked on its next load from Redis: if another worker wrote its session since
+(it was this worker's partition, but the group had dropped this worker meanwhile), its engine state
+is freed and rebuilt from the history.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from processor.engine import AsyncGuardEngine
 from processor.worker.conversation import ConversationOutcome, Incoming
 from processor.worker.pipeline import SessionCache, StepChain
+from processor.worker.session_store import Session
 from processor.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -27,6 +36,7 @@ class OpenConversations:
     def __init__(self) -> None:
         self._partition: dict[str, TopicPartition] = {}
         self._last_seen: dict[str, float] = {}
+        self._held_over: set[str] = set()  # kept over a revocation, not yet checked against Redis
 
     def __len__(self) -> int:
         return len(self._partition)
@@ -41,6 +51,21 @@ class OpenConversations:
     def remove(self, conversation_id: str) -> None:
         self._partition.pop(conversation_id, None)
         self._last_seen.pop(conversation_id, None)
+        self._held_over.discard(conversation_id)
+
+    def hold_over(self, conversation_ids: Iterable[str]) -> None:
+        self._held_over.update(conversation_ids)
+
+    def held_over_elsewhere(self, assigned: Iterable[TopicPartition]) -> list[str]:
+        """The conversations held over whose partition the new assignment gave another worker."""
+        assigned = set(assigned)
+        return [c for c in self._held_over if self._partition.get(c) not in assigned]
+
+    def take_held_over(self, conversation_ids: Iterable[str]) -> list[str]:
+        """Those of `conversation_ids` held over a rebalance; from now on they are not."""
+        taken = self._held_over.intersection(conversation_ids)
+        self._held_over -= taken
+        return list(taken)
 
     def in_partitions(self, partitions: Iterable[TopicPartition]) -> list[str]:
         wanted = set(partitions)
@@ -85,14 +110,23 @@ class Rebalancing:
             if failure is not None:  # the main loop rewinds; memory is ahead of Redis everywhere
                 self._failure = failure
                 self.sessions.clear()
-            leaving = self.open.in_partitions(revoked)
-            await self._release(leaving)
-            self.sessions.drop(leaving)  # the new owner may move them on
+            revoked_conversations = self.open.in_partitions(revoked)
+            self.sessions.drop(revoked_conversations)  # the next owner may move them on
+            self.open.hold_over(revoked_conversations)  # their engine state waits for the assignment
         log.info("partitions revoked: %s", sorted(partition.partition for partition in revoked))
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._awaiting_assignment = False
+        async with self.step_lock:
+            await self._release(self.open.held_over_elsewhere(assigned))
         log.info("partitions assigned: %s", sorted(partition.partition for partition in assigned))
+
+    async def release_moved_on(self, sessions: dict[str, Session]) -> None:
+        """Of conversations held over a rebalance, free the engine state of those that another worker
+        has written since: the history in Redis, not this engine, has their latest tokens."""
+        for conversation_id in self.open.take_held_over(sessions):
+            if sessions[conversation_id].owner != self.settings.worker_id:
+                await self.front.release(conversation_id)
 
     def track(
         self,
@@ -134,4 +168,4 @@ class RebalanceListener(ConsumerRebalanceListener):
         await self._worker.on_partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned) -> None:
-        self._worker.on_partitions_assigned(set(assigned))
+        await self._worker.on_partitions_assigned(set(assigned))

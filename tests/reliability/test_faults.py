@@ -102,6 +102,42 @@ async def test_scale_one_three_one(model, worker_config, pool, kafka_bootstrap, 
 
 
 @pytest.mark.timeout(240)
+async def test_a_join_rebuilds_only_the_conversations_that_moved(
+    model, worker_config, pool, kafka_bootstrap, redis_url
+):
+    """A second worker joins under load. Round robin leaves the first half its partitions, and it keeps
+    those conversations' KV caches over the rebalance: it rebuilds nothing, while the newcomer
+    rebuilds the conversations it took over from their Redis histories."""
+    config = worker_config(kafka_bootstrap, redis_url, partitions=PARTITIONS)
+    workers = pool(config)
+    (first,) = workers.start("first")
+    await first.wait_assigned()
+    async with VerdictRecorder(config.kafka_bootstrap, config.verdicts_topic) as recorder:
+        load = steady_load(config, seed=6)
+        streaming = asyncio.create_task(load.run())
+        await asyncio.sleep(4)
+        joined_at = time.time()
+        (second,) = workers.start("second")
+        await wait_balanced([first, second], PARTITIONS)
+        kept = first.assigned() or []
+        await asyncio.sleep(4)
+        await finish_and_check(
+            "a worker joins: only moved conversations rebuilt",
+            model,
+            load,
+            streaming,
+            recorder,
+            joined_at,
+            what="the first worker kept the KV caches of the conversations it kept",
+            first_rebuilt_tokens=lambda: first.metric("guardstream_rebuilt_tokens"),
+            second_rebuilt_tokens=lambda: second.metric("guardstream_rebuilt_tokens"),
+        )
+    assert 0 < len(kept) < PARTITIONS
+    assert first.metric("guardstream_rebuilt_tokens") == 0, "the first worker rebuilt conversations it kept"
+    assert second.metric("guardstream_rebuilt_tokens") > 0, "the newcomer took over no conversation"
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("fault", ["paused", "restarted"])
 async def test_redis_outage(model, worker_config, pool, kafka_bootstrap, dedicated_redis, fault):
     """Redis hangs (SIGSTOP, 6 s) or restarts (graceful stop, 4 s down, AOF reload): the worker stops

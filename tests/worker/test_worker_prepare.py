@@ -163,7 +163,7 @@ async def test_records_polled_before_a_revocation_are_not_moderated_even_if_the_
         await worker.on_partitions_revoked({TOPIC})  # assignment() still says TOPIC, as aiokafka's does
         assert await worker.prepare(batch, asyncio.Event(), ahead) is None
         batch, ahead = await worker.poll()  # during the rebalance
-        worker.on_partitions_assigned({TOPIC})
+        await worker.on_partitions_assigned({TOPIC})
         assert await worker.prepare(batch, asyncio.Event(), ahead) is None
         batch, ahead = await worker.poll()  # after it: a step again
         prepared = await worker.prepare(batch, asyncio.Event(), ahead)
@@ -180,7 +180,7 @@ async def test_records_fetched_after_a_rebalance_that_began_during_the_poll_are_
 
     async def rebalance_then_fetch() -> dict:
         await worker.on_partitions_revoked({TOPIC})
-        worker.on_partitions_assigned({TOPIC})
+        await worker.on_partitions_assigned({TOPIC})
         return {TOPIC: [token_event("a", 0, 10)]}
 
     polls = ScriptedConsumer(rebalance_then_fetch, {TOPIC: [token_event("a", 1, 11)]}, assigned={TOPIC})
@@ -261,5 +261,33 @@ async def test_a_failure_while_working_ahead_leaves_the_step_to_prepare(tiny_mod
         prepared = await worker.prepare(batch, asyncio.Event(), ahead)
         assert prepared is not None
         assert [(c, seq) for c, seq, _, _ in answered(prepared)] == [("a", 0), ("a", 1)]
+    finally:
+        await front.close()
+
+
+async def test_a_rebalance_keeps_the_engine_state_of_conversations_whose_partition_returns(tiny_model_dir):
+    """Revocation keeps every conversation's engine state; the assignment frees those of partitions that
+    went elsewhere; a kept one is freed when Redis shows another worker wrote it since."""
+    records = {
+        TOPIC: [token_event("a", 0, 10), token_event("c", 0, 11)],
+        OTHER: [token_event("b", 0, 20, OTHER)],
+    }
+    worker, front = tiny_worker(tiny_model_dir, ScriptedConsumer(assigned={TOPIC, OTHER}), "abc")
+    try:
+        prepared = await worker.prepare(records, asyncio.Event())
+        assert prepared is not None
+        held = {c: front.engine.next_position(c) for c in "abc"}
+        assert all(held.values())
+        await worker.on_partitions_revoked({TOPIC, OTHER})
+        assert {c: front.engine.next_position(c) for c in "abc"} == held  # kept until the assignment
+        await worker.on_partitions_assigned({TOPIC})
+        await front.moderate("z", [1000], 0)  # queued after the releases: answered once they are applied
+        assert front.engine.next_position("b") is None  # its partition went to another worker
+        assert front.engine.next_position("a") == held["a"]
+        mine = Session("a", stored=True, owner=worker.settings.worker_id)
+        await worker.release_moved_on({"a": mine, "c": Session("c", stored=True, owner="another")})
+        await front.moderate("z", [1001], 1)
+        assert front.engine.next_position("a") == held["a"]  # this worker wrote it last: still good
+        assert front.engine.next_position("c") is None  # another worker moved it on: rebuilt next time
     finally:
         await front.close()
