@@ -327,12 +327,14 @@ async def finish_and_check(
     recorder: VerdictRecorder,
     resumed_at: float | None,
     timeout: float = 90.0,
+    lossless: bool = True,
     **facts: object,
 ) -> Delivery:
     """Ends the streams, waits for every conversation's end verdict, checks delivery, records the row.
 
     `facts` go into the row as they are, or called when they are callables (read after the end). The
-    row is written before the assertions, so a failing run still leaves its figures behind."""
+    row is written before the assertions, so a failing run still leaves its figures behind. A fault
+    that is expected to lose data (`lossless=False`) leaves the checks of the delivery to the caller."""
     load.stop()
     await asyncio.wait_for(load_task, timeout=60)
     ids = {conversation.conversation_id for conversation in load.conversations}
@@ -356,8 +358,9 @@ async def finish_and_check(
             },
         )
     assert delivered == load.sent, "the producer lost events: the check below would blame the worker"
-    assert not delivery.problems, "\n".join(delivery.problems[:20])
-    assert delivery.lost == 0
+    if lossless:
+        assert not delivery.problems, "\n".join(delivery.problems[:20])
+        assert delivery.lost == 0
     return delivery
 
 

@@ -8,7 +8,6 @@ Redis may close the conversation with an error verdict.
 from __future__ import annotations
 
 import pytest
-from redis.asyncio import Redis
 
 from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine
 from processor.events import TokenEvent
@@ -33,7 +32,7 @@ def worker_with(model, redis_url: str, redis_prefix: str) -> Worker:
         redis_key_prefix=redis_prefix,
         redis_timeout=1.0,
     )
-    redis = Redis.from_url(redis_url, **settings.redis_options())
+    redis = settings.redis_client()
     store = SessionStore(redis, redis_prefix, 60, 60, "w")
     front = AsyncGuardEngine(GuardEngine(model, EngineConfig(kv_cache_bytes=4 * 1024 * 1024)), history=store)
     return Worker(settings, model, front, store, None, None, WorkerMetrics())  # no Kafka needed here

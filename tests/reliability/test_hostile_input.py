@@ -413,7 +413,7 @@ def test_redis_password_and_tls_pass_through():
     settings = WorkerSettings(
         redis_url="rediss://default:redis-secret@cache.internal:6380/2", redis_timeout=3
     )
-    client = aioredis.Redis.from_url(settings.redis_url, **settings.redis_options())
+    client = settings.redis_client()
     pool = client.connection_pool
     assert pool.connection_class is SSLConnection
     kwargs = pool.connection_kwargs
@@ -501,7 +501,7 @@ async def test_secrets_stay_out_of_logs_and_metrics(
             ]
     redis = aioredis.from_url(password_redis)
     try:
-        assert await redis.exists(f"{redis_prefix}session:s")  # the password reached Redis
+        assert await redis.exists(f"{redis_prefix}session:{{s}}")  # the password reached Redis
     finally:
         await redis.aclose()
     assert "worker settings" in caplog.text
