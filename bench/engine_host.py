@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from trees import ROOT, TreeServer, step_in_turn, unpack_revision
+
 PHASES = ("submit", "schedule", "metadata", "forward", "labels", "extract", "results")
 HOST_PHASES = ("submit", "schedule", "metadata", "extract", "results")
 WARMUP_STEPS = 5
@@ -163,60 +164,20 @@ def serve(args: argparse.Namespace) -> None:
 # -- the driver ---------------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, args: argparse.Namespace, root: Path, conversations: int, seed: int) -> None:
-        self.root = root
-        command = [sys.executable, __file__, "--serve", "--root", str(root), "--model", str(args.model)]
-        command += ["--conversations", str(conversations), "--steps", str(args.steps), "--seed", str(seed)]
-        command += ["--context-min", str(args.context_min), "--context-max", str(args.context_max)]
-        command += ["--attention-backend", args.attention_backend]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the server for {self.root} exited (rc {self.process.wait()})")
-        return json.loads(line)
-
-    def wait_ready(self) -> None:
-        ready = self.read()
-        if Path(ready["processor"]).resolve() != (self.root / "processor").resolve():
-            raise RuntimeError(f"the server for {self.root} imported processor from {ready['processor']}")
-
-    def step(self) -> dict:
-        self.process.stdin.write("step\n")
-        self.process.stdin.flush()
-        return self.read()
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-
-
-def unpack_revision(revision: str, into: Path) -> Path:
-    """`processor/` as it was at `revision` (git archive), under `into`."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", revision, "processor"], cwd=ROOT, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
+def server(args: argparse.Namespace, root: Path, conversations: int, seed: int) -> TreeServer:
+    """One code tree's engine in its own process (this script with --serve), timing a step per call."""
+    command = [sys.executable, __file__, "--serve", "--root", str(root), "--model", str(args.model)]
+    command += ["--conversations", str(conversations), "--steps", str(args.steps), "--seed", str(seed)]
+    command += ["--context-min", str(args.context_min), "--context-max", str(args.context_max)]
+    command += ["--attention-backend", args.attention_backend]
+    return TreeServer(command, root)
 
 
 def measure(args, trees: dict[str, Path], conversations: int, seed: int) -> dict[str, list[dict]]:
     """Every tree's engine set up, then stepping in turn (the order flipping every step)."""
-    servers = {name: Server(args, root, conversations, seed) for name, root in trees.items()}
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        steps: dict[str, list[dict]] = {name: [] for name in servers}
-        names = list(servers)
-        for step in range(args.steps):
-            for name in names if step % 2 == 0 else reversed(names):
-                steps[name].append(servers[name].step())
-    finally:
-        for server in servers.values():
-            server.close()
-    return steps
+    return step_in_turn(
+        {name: server(args, root, conversations, seed) for name, root in trees.items()}, args.steps
+    )
 
 
 def summarize(tree: str, conversations: int, steps: list[dict]) -> dict:

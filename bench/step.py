@@ -20,79 +20,39 @@ which the machine's minute-to-minute speed moves far less than it moves either s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline import ROOT, rows_result, write_result
+from trees import TreeServer, step_in_turn, unpack_revision
 
 SERVER = Path(__file__).with_name("step_server.py")
 
 
-class StepServer:
+def step_server(
+    args: argparse.Namespace, root: Path, kv_cache_dtype: str, events: int, seed: int
+) -> TreeServer:
     """One code tree's worker in its own process (bench/step_server.py), preparing a step per call."""
-
-    def __init__(self, args: argparse.Namespace, root: Path, kv_cache_dtype: str, events: int, seed: int):
-        self.root = root
-        command = [sys.executable, str(SERVER), "--root", str(root), "--model", str(args.model)]
-        command += ["--device", args.device, "--threads", str(args.threads)]
-        command += ["--conversations", str(args.conversations), "--context", str(args.context)]
-        command += ["--events", str(events), "--kv-cache-dtype", kv_cache_dtype, "--seed", str(seed)]
-        command += ["--attention-backend", args.attention_backend, "--template", args.template]
-        command += ["--steps", str(args.steps)]
-        if args.dtype:
-            command += ["--dtype", args.dtype]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the step server for {self.root} exited (rc {self.process.wait()})")
-        return json.loads(line)
-
-    def wait_ready(self) -> None:
-        ready = self._read()
-        # An installed checkout could shadow the tree asked for: refuse to compare a tree with itself.
-        if Path(ready["processor"]).resolve() != (self.root / "processor").resolve():
-            raise RuntimeError(f"the server for {self.root} imported processor from {ready['processor']}")
-
-    def step(self) -> float:
-        self.process.stdin.write("step\n")
-        self.process.stdin.flush()
-        return self._read()["seconds"]
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-
-
-def unpack_revision(revision: str, into: Path) -> Path:
-    """`processor/` as it was at `revision` (git archive), under `into`."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", revision, "processor"], cwd=ROOT, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
+    command = [sys.executable, str(SERVER), "--root", str(root), "--model", str(args.model)]
+    command += ["--device", args.device, "--threads", str(args.threads)]
+    command += ["--conversations", str(args.conversations), "--context", str(args.context)]
+    command += ["--events", str(events), "--kv-cache-dtype", kv_cache_dtype, "--seed", str(seed)]
+    command += ["--attention-backend", args.attention_backend, "--template", args.template]
+    command += ["--steps", str(args.steps)]
+    if args.dtype:
+        command += ["--dtype", args.dtype]
+    return TreeServer(command, root)
 
 
 def measure(args, trees: dict[str, Path], kv_cache_dtype: str, events: int, seed: int) -> list[dict]:
     """Every tree's worker, set up at once, then stepping in turn (the order flipping every step)."""
-    servers = {name: StepServer(args, root, kv_cache_dtype, events, seed) for name, root in trees.items()}
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        seconds: dict[str, list[float]] = {name: [] for name in servers}
-        names = list(servers)
-        for step in range(args.steps):
-            for name in names if step % 2 == 0 else reversed(names):
-                seconds[name].append(servers[name].step())
-    finally:
-        for server in servers.values():
-            server.close()
+    servers = {name: step_server(args, root, kv_cache_dtype, events, seed) for name, root in trees.items()}
+    answers = step_in_turn(servers, args.steps)
+    seconds = {name: [answer["seconds"] for answer in tree_answers] for name, tree_answers in answers.items()}
+    names = list(servers)
     first = names[0]
     rows = []
     for name in names:
