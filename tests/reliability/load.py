@@ -35,7 +35,7 @@ from processor.worker.template import render_conversation
 
 PROB_TOLERANCE = 1e-4
 RESULTS_FILE = Path(__file__).resolve().parents[2] / "bench" / "results" / "reliability.json"
-# The tracked file is the README table's source: a test run rewrites it only when asked to.
+# The tracked file is docs/reliability.md's source: a test run rewrites it only when asked to.
 RECORD_RESULTS = os.environ.get("GUARDSTREAM_RECORD_RESULTS") == "1"
 
 
@@ -307,7 +307,7 @@ async def events_on_topic(bootstrap: str, topic: str) -> int:
 
 def record_result(fault: str, row: dict) -> None:
     """Print one fault's figures; with GUARDSTREAM_RECORD_RESULTS=1, merge them into
-    bench/results/reliability.json (the README table's source) too."""
+    bench/results/reliability.json (docs/reliability.md's source) too."""
     print(f"\n[{fault}] " + json.dumps(row, sort_keys=True))
     if not RECORD_RESULTS:
         return

@@ -3,7 +3,7 @@
 Every test streams several conversations one token per event, injects its fault mid-stream, and then
 checks (load.check_delivery) that every token event has its verdict, positions are contiguous, and the
 labels equal `score_ids` on each whole conversation; duplicated verdicts are counted and recorded in
-bench/results/reliability.json (the README's reliability table).
+bench/results/reliability.json (the source of docs/reliability.md).
 
     .venv/bin/pytest -q tests/reliability/test_faults.py -s     # -s prints each fault's figures
 """
