@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,11 +66,6 @@ def start_node(state_dir: Path, index: int, port: int | None = None) -> redis_se
         "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
     )  # fmt: skip
     return redis_service.start(state_dir, port, name=node_name(index), extra_args=cluster_args)
-
-
-def start(state_dir: Path, ports: Sequence[int | None] = ()) -> RedisClusterInstance:
-    ports = list(ports) + [None] * (NODES - len(ports))
-    return RedisClusterInstance(tuple(start_node(state_dir, index, ports[index]) for index in range(NODES)))
 
 
 def _ask(port: int, *command: str) -> dict[str, str]:

@@ -2,10 +2,10 @@
 
 A rebalance revokes every partition (aiokafka's protocol is eager) and then assigns, and some come
 back to the same worker. So a revocation keeps the engine state of its conversations and the
-assignment frees those whose partition went elsewhere. A conversation kept
-over a rebalance is checked on its next load from Redis: if another worker wrote its session since
-(it was this worker's partition, but the group had dropped this worker meanwhile), its engine state
-is freed and rebuilt from the history.
+assignment frees those whose partition went elsewhere. A conversation kept over a rebalance is checked
+on its next load from Redis: if another worker wrote its session since (it was this worker's
+partition, but the group had dropped this worker meanwhile), its engine state is freed and rebuilt
+from the history.
 """
 
 from __future__ import annotations

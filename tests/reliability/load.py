@@ -54,6 +54,12 @@ class StreamedConversation:
         return render_conversation([("user", self.user_ids), ("assistant", self.assistant_ids)], special)
 
 
+def steady_load(config, seed: int = 0, **overrides) -> SteadyLoad:
+    """The fault tests' load on the token topic of `config` (WorkerConfig or WorkerSettings): by default
+    8 conversations at 4 events/s each, 32 token events/s in all, a modest steady load."""
+    return SteadyLoad(config.kafka_bootstrap, config.tokens_topic, seed=seed, **overrides)
+
+
 class SteadyLoad:
     """`conversations` streams at `rate` events/s each, all interleaved, until `stop()`. A stream ends
     after `max_assistant_tokens`; with `rotate` a new conversation takes its place (a soak's way)."""

@@ -19,19 +19,12 @@ import torch
 from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
 from tests.worker.harness import running_worker, worker_settings
 
-from .load import SteadyLoad, VerdictRecorder, committed_offsets, finish_and_check
+from .load import VerdictRecorder, committed_offsets, finish_and_check, steady_load
 from .workers import free_port, read_metric, wait_balanced
 
 pytestmark = [pytest.mark.integration]
 
 PARTITIONS = 6
-CONVERSATIONS = 8
-RATE = 4.0  # events/s per conversation: 32 token events/s in all, a modest steady load
-
-
-def steady_load(config, seed: int = 0, **overrides) -> SteadyLoad:
-    values = {"conversations": CONVERSATIONS, "rate": RATE, "seed": seed} | overrides
-    return SteadyLoad(config.kafka_bootstrap, config.tokens_topic, **values)
 
 
 @pytest.mark.timeout(240)
@@ -244,14 +237,7 @@ async def test_kv_cache_far_below_active_set(model, kafka_bootstrap, redis_url, 
     )
     async with running_worker(settings, model) as serving:
         async with VerdictRecorder(settings.kafka_bootstrap, settings.verdicts_topic) as recorder:
-            load = SteadyLoad(
-                settings.kafka_bootstrap,
-                settings.tokens_topic,
-                CONVERSATIONS,
-                rate=8.0,
-                seed=4,
-                max_assistant_tokens=60,
-            )
+            load = steady_load(settings, seed=4, rate=8.0, max_assistant_tokens=60)
             streaming = asyncio.create_task(load.run())
             await asyncio.wait_for(asyncio.shield(streaming), timeout=60)  # it ends at 60 assistant tokens
             await recorder.wait_ended({c.conversation_id for c in load.conversations}, timeout=90)

@@ -22,15 +22,13 @@ import pytest
 from processor.local import services
 
 from .brokers import KafkaCluster
-from .load import SteadyLoad, VerdictRecorder, finish_and_check, recovery_seconds
+from .load import VerdictRecorder, finish_and_check, recovery_seconds, steady_load
 from .workers import WorkerConfig, WorkerProcess
 
 pytestmark = [pytest.mark.integration]
 
 BROKERS = 3
 PARTITIONS = 6
-CONVERSATIONS = 8
-RATE = 4.0  # events/s per conversation: 32 token events/s in all, as in test_faults.py
 # Past the controller's broker session timeout (9 s), after which a killed broker's partitions have
 # new leaders, with time to spare for the streams to catch up.
 AFTER_KILL_S = 20
@@ -56,10 +54,6 @@ async def start_worker(cluster: KafkaCluster, config: WorkerConfig, pool) -> Wor
         assert {len(nodes) for nodes in replicas.replicas.values()} == {BROKERS}, replicas
         assert replicas.min_insync_replicas == 2, replicas
     return worker
-
-
-def steady_load(config: WorkerConfig, seed: int) -> SteadyLoad:
-    return SteadyLoad(config.kafka_bootstrap, config.tokens_topic, CONVERSATIONS, rate=RATE, seed=seed)
 
 
 async def leader_to_kill(cluster: KafkaCluster, topic: str) -> tuple[int, list[int]]:

@@ -26,7 +26,7 @@ from redis.cluster import RedisCluster as BlockingRedisCluster
 
 from processor.local import services
 
-from .load import SteadyLoad, VerdictRecorder, finish_and_check
+from .load import SteadyLoad, VerdictRecorder, finish_and_check, steady_load
 from .workers import WorkerConfig
 
 pytestmark = [pytest.mark.integration]
@@ -149,7 +149,7 @@ async def test_sigkill_a_primary_under_load(model, worker_config, pool, kafka_bo
     config, worker = cluster_worker(worker_config, pool, kafka_bootstrap, own_cluster, wait_replicas)
     await worker.wait_assigned()
     async with VerdictRecorder(config.kafka_bootstrap, config.verdicts_topic) as recorder:
-        load = SteadyLoad(config.kafka_bootstrap, config.tokens_topic, conversations=8, rate=4.0, seed=11)
+        load = steady_load(config, seed=11)
         streaming = asyncio.create_task(load.run())
         await asyncio.sleep(5)
         key = session_key(config, load.conversations[0].conversation_id)
