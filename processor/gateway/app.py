@@ -35,6 +35,7 @@ CONVERSATION_ECHO_HEADER = "x-guardstream-conversation-id"
 # The workers' default limit on conversation ids (EventLimits.max_conversation_id_length).
 MAX_CONVERSATION_ID_LENGTH = 128
 _CONVERSATION_ID = re.compile(CONVERSATION_ID_PATTERN)
+LITELLM_GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
 
 SERVICES = web.AppKey("services", GatewayServices)
 AUTH = web.AppKey("auth", BearerAuth)
@@ -46,7 +47,7 @@ def build_app(services: GatewayServices, auth: BearerAuth) -> web.Application:
     app[AUTH] = auth
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/moderations", moderations)
-    app.router.add_post("/beta/litellm_basic_guardrail_api", litellm_guardrail)
+    app.router.add_post(LITELLM_GUARDRAIL_PATH, litellm_guardrail)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -56,7 +57,7 @@ def build_app(services: GatewayServices, auth: BearerAuth) -> web.Application:
 @web.middleware
 async def _require_key(request: web.Request, handler: Any) -> web.StreamResponse:
     # Checked before the body is read: a caller without a key produces nothing and reaches no upstream.
-    if request.path not in OPEN_PATHS and not request.app[AUTH].allows(request.headers.get("Authorization")):
+    if request.path not in OPEN_PATHS and not _has_key(request):
         request.app[SERVICES].metrics.requests.labels(
             endpoint=_endpoint(request), outcome="unauthorized"
         ).inc()
@@ -69,12 +70,22 @@ async def _require_key(request: web.Request, handler: Any) -> web.StreamResponse
     return await handler(request)
 
 
+def _has_key(request: web.Request) -> bool:
+    """`Authorization: Bearer KEY`; on LiteLLM's route also `x-api-key: KEY`, the header LiteLLM's
+    generic_guardrail_api sends its configured api_key in."""
+    auth = request.app[AUTH]
+    if auth.allows(request.headers.get("Authorization")):
+        return True
+    offered = request.headers.get("x-api-key")
+    return request.path == LITELLM_GUARDRAIL_PATH and offered is not None and auth.allows(f"Bearer {offered}")
+
+
 def _endpoint(request: web.Request) -> str:
     """A bounded label: the route's name, never anything the caller chose."""
     known = {
         "/v1/chat/completions": "chat",
         "/v1/moderations": "moderations",
-        "/beta/litellm_basic_guardrail_api": "litellm_guardrail",
+        LITELLM_GUARDRAIL_PATH: "litellm_guardrail",
     }
     return known.get(request.path, "other")
 

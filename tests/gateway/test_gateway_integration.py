@@ -445,9 +445,15 @@ async def test_only_callers_with_a_key_get_in(idle_topics, gateway, upstream, tm
         services,
     ):
         base = str(client.base_url).rstrip("/")
-        for endpoint in ("chat/completions", "moderations"):
-            status, document = await _post(f"{base}/{endpoint}", None)
+        litellm = base.removesuffix("/v1") + "/beta/litellm_basic_guardrail_api"
+        for url in (f"{base}/chat/completions", f"{base}/moderations", litellm):
+            status, document = await _post(url, None)
             assert status == 401 and document["error"]["code"] == "invalid_api_key"
+            status, _ = await _post(url, "key-wrong")
+            assert status == 401
+        # LiteLLM's header, taken on its route only.
+        assert (await _post(litellm, None, headers={"x-api-key": "key-wrong"}))[0] == 401
+        assert (await _post(f"{base}/moderations", None, headers={"x-api-key": "key-one"}))[0] == 401
         for api_key in ("key-wrong", "key-one-and-more", "key-on"):
             caller = openai.AsyncOpenAI(base_url=base, api_key=api_key, max_retries=0)
             for stream in (True, False):
@@ -465,11 +471,18 @@ async def test_only_callers_with_a_key_get_in(idle_topics, gateway, upstream, tm
             assert (await chat(caller, "any", SAFE_PROMPT, stream=True))[:2] == (reply, "stop")
             assert len((await caller.moderations.create(input=SAFE_PROMPT)).results) == 1
             await caller.close()
+        request = {"texts": [SAFE_PROMPT], "input_type": "request"}
+        status, document = await _post(litellm, None, body=request, headers={"x-api-key": "key-two"})
+        assert status == 200 and document["action"] in ("NONE", "BLOCKED")
+        status, document = await _post(litellm, "key-one", body=request)
+        assert status == 200 and document["action"] in ("NONE", "BLOCKED")
         assert await _records(idle_topics) > 0
         unauthorized = {"endpoint": "chat", "outcome": "unauthorized"}
-        assert metric(services, "guardstream_gateway_requests_total", **unauthorized) == 7
+        assert metric(services, "guardstream_gateway_requests_total", **unauthorized) == 8
         unauthorized["endpoint"] = "moderations"
-        assert metric(services, "guardstream_gateway_requests_total", **unauthorized) == 4
+        assert metric(services, "guardstream_gateway_requests_total", **unauthorized) == 6
+        unauthorized["endpoint"] = "litellm_guardrail"
+        assert metric(services, "guardstream_gateway_requests_total", **unauthorized) == 3
         status, _ = await _post(f"{base}/chat/completions", "key-one", body=b"not json")
         assert status == 400
         exposition = (await _get(base.removesuffix("/v1") + "/metrics")).decode()
@@ -478,10 +491,12 @@ async def test_only_callers_with_a_key_get_in(idle_topics, gateway, upstream, tm
         assert "ok" in health
 
 
-async def _post(url: str, api_key: str | None, body: bytes | dict = b"{}") -> tuple[int, dict]:
+async def _post(
+    url: str, api_key: str | None, body: bytes | dict = b"{}", headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     import aiohttp
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = (headers or {}) | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     async with aiohttp.ClientSession() as session, session.post(url, data=data, headers=headers) as response:
         return response.status, await response.json()
