@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -271,7 +272,7 @@ class _Completion:
         }
         if finish is not None and finish.guardstream is not None:
             document["guardstream"] = finish.guardstream
-        return json.dumps(document)
+        return orjson.dumps(document).decode()
 
     def whole(self, text: str, finish: Finish) -> dict[str, Any]:
         return {

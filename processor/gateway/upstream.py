@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 
 class UpstreamError(Exception):
@@ -41,7 +42,9 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        # No connection limit: aiohttp's default pool of 100 would queue the 101st concurrent reply
+        # behind replies that stream for seconds. The upstream server queues its own work.
+        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0))
 
     async def stop(self) -> None:
         if self._session is not None:
@@ -63,9 +66,9 @@ class Upstream:
                     data = _sse_data(line)
                     if data is None:
                         continue
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         break
-                    chunk = json.loads(data)
+                    chunk = orjson.loads(data)
                     if "error" in chunk:
                         raise UpstreamError(f"upstream error: {json.dumps(chunk['error'])[:500]}")
                     model = chunk.get("model", model)
@@ -81,9 +84,8 @@ class Upstream:
         yield Finished(finish_reason, model)
 
 
-def _sse_data(line: bytes) -> str | None:
+def _sse_data(line: bytes) -> bytes | None:
     """The payload of an SSE `data:` line; None for other lines (comments, event names, blanks)."""
-    text = line.decode("utf-8").rstrip("\r\n")
-    if not text.startswith("data:"):
+    if not line.startswith(b"data:"):
         return None
-    return text[5:].lstrip(" ")
+    return line[5:].strip(b" \r\n")
