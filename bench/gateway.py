@@ -1,8 +1,8 @@
 """Gateway benchmark: the hold-back delay of `guardstream gateway --release hold` at several stream counts.
 
 One real `guardstream worker` process and one real `guardstream gateway` process, on a real local broker
-and Redis, between a stand-in upstream and streaming `openai` clients (AsyncOpenAI), both in this
-process. Each of --streams concurrent streams asks for one chat completion after another for --seconds
+and Redis, between a stand-in upstream and streaming clients (aiohttp, reading the SSE lines), both in
+this process. Each of --streams concurrent streams asks for one chat completion after another for --seconds
 (starts spread over the first --stagger seconds); the stand-in answers each with --reply-tokens words,
 one word a delta, at --tokens-per-s, on a fixed schedule (a late delta does not push the next ones back).
 Every request is a new conversation, as every gateway request is. Per stream count:
@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import openai
+import aiohttp
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pipeline import (
@@ -258,25 +258,36 @@ class Tally:
     released_chars: int = 0
 
 
-async def one_request(client: openai.AsyncOpenAI, upstream: PacedUpstream, key: str, tally: Tally) -> bool:
-    """One chat completion, tallied; False when it failed."""
+async def one_request(
+    client: aiohttp.ClientSession, url: str, upstream: PacedUpstream, key: str, tally: Tally
+) -> bool:
+    """One streamed chat completion, tallied; False when it failed."""
     started = time.monotonic()
     received: list[tuple[float, int]] = []  # (when, the released text's length after the chunk)
     length, finish_reason = 0, None
+    body = {"model": key, "messages": [{"role": "user", "content": PROMPT}], "stream": True}
     try:
-        stream = await client.chat.completions.create(
-            model=key, messages=[{"role": "user", "content": PROMPT}], stream=True
-        )
-        async for part in stream:
-            now = time.monotonic()
-            if not part.choices:
-                continue
-            choice = part.choices[0]
-            if choice.delta.content:
-                length += len(choice.delta.content)
-                received.append((now, length))
-            finish_reason = choice.finish_reason or finish_reason
-    except openai.APIError as error:
+        async with client.post(url, json=body) as response:
+            if response.status != 200:
+                tally.errors.append(f"HTTP {response.status}: {(await response.text())[:200]}")
+                return False
+            async for line in response.content:
+                if not line.startswith(b"data:") or line.startswith(b"data: [DONE]"):
+                    continue
+                now = time.monotonic()
+                part = json.loads(line[5:])
+                if "error" in part:
+                    tally.errors.append(f"stream error: {part['error']}")
+                    return False
+                if not part.get("choices"):
+                    continue
+                choice = part["choices"][0]
+                content = choice["delta"].get("content")
+                if content:
+                    length += len(content)
+                    received.append((now, length))
+                finish_reason = choice.get("finish_reason") or finish_reason
+    except (aiohttp.ClientError, TimeoutError) as error:
         tally.errors.append(f"{type(error).__name__}: {error}")
         return False
     tally.finish_reasons[str(finish_reason)] = tally.finish_reasons.get(str(finish_reason), 0) + 1
@@ -295,12 +306,18 @@ async def one_request(client: openai.AsyncOpenAI, upstream: PacedUpstream, key: 
 
 
 async def one_stream(
-    client: openai.AsyncOpenAI, upstream: PacedUpstream, name: str, delay: float, until: float, tally: Tally
+    client: aiohttp.ClientSession,
+    url: str,
+    upstream: PacedUpstream,
+    name: str,
+    delay: float,
+    until: float,
+    tally: Tally,
 ) -> None:
     await asyncio.sleep(delay)
     number = 0
     while time.monotonic() < until:
-        if not await one_request(client, upstream, f"{name}-{number}", tally):
+        if not await one_request(client, url, upstream, f"{name}-{number}", tally):
             await asyncio.sleep(1)  # a failing gateway is not hammered; the errors are counted
         number += 1
 
@@ -309,7 +326,7 @@ async def one_stream(
 # One stream count
 
 
-async def one_level(args, streams: int, client, upstream, worker, gateway) -> dict:
+async def one_level(args, streams: int, client, url, upstream, worker, gateway) -> dict:
     tally = Tally()
     run = uuid.uuid4().hex[:6]
     stages_before = await stage_totals(worker)
@@ -322,7 +339,13 @@ async def one_level(args, streams: int, client, upstream, worker, gateway) -> di
     await asyncio.gather(
         *(
             one_stream(
-                client, upstream, f"bench-{run}-{streams}-{index}", stagger * index / streams, until, tally
+                client,
+                url,
+                upstream,
+                f"bench-{run}-{streams}-{index}",
+                stagger * index / streams,
+                until,
+                tally,
             )
             for index in range(streams)
         )
@@ -431,9 +454,12 @@ async def main_async(args, levels: list[int], model: str) -> list[dict]:
             )
         )
         await wait_ready(gateway, "gateway", args.warmup)
-        client = openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="unused", max_retries=0, timeout=60
+        # Plain aiohttp reading the SSE lines: the openai client's per-chunk model objects cost the
+        # shared cores more than the gateway does (tests/gateway checks the wire with openai itself).
+        client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=60), connector=aiohttp.TCPConnector(limit=0)
         )
+        url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
         rows = []
         try:
             if args.warm_seconds:
@@ -442,11 +468,11 @@ async def main_async(args, levels: list[int], model: str) -> list[dict]:
                     f"warming up: {args.warm_streams} streams for {args.warm_seconds:.0f} s ...", flush=True
                 )
                 warm = argparse.Namespace(**{**vars(args), "seconds": args.warm_seconds})
-                await one_level(warm, args.warm_streams, client, upstream, worker, gateway)
+                await one_level(warm, args.warm_streams, client, url, upstream, worker, gateway)
                 await asyncio.sleep(args.pause)
             for streams in levels:
                 print(f"{streams} streams for {args.seconds:.0f} s ...", flush=True)
-                rows.append(await one_level(args, streams, client, upstream, worker, gateway))
+                rows.append(await one_level(args, streams, client, url, upstream, worker, gateway))
                 print_row(rows[-1])
                 await asyncio.sleep(args.pause)
         finally:
