@@ -1,10 +1,11 @@
 """Gateway benchmark: the hold-back delay of `guardstream gateway --release hold` at several stream counts.
 
-One real `guardstream worker` process and one real `guardstream gateway` process, on a real local broker
-and Redis, between a stand-in upstream and streaming clients (aiohttp, reading the SSE lines), both in
-this process. Each of --streams concurrent streams asks for one chat completion after another for --seconds
-(starts spread over the first --stagger seconds); the stand-in answers each with --reply-tokens words,
-one word a delta, at --tokens-per-s, on a fixed schedule (a late delta does not push the next ones back).
+One real `guardstream worker` process and one real `guardstream gateway` process (--gateways N: N of
+them, the streams alternating between them), on a real local broker and Redis, between a stand-in
+upstream and streaming clients (aiohttp, reading the SSE lines), both in this process. Each of
+--streams concurrent streams asks for one chat completion after another for --seconds (starts spread
+over the first --stagger seconds); the stand-in answers each with --reply-tokens words, one word a
+delta, at --tokens-per-s, on a fixed schedule (a late delta does not push the next ones back).
 Every request is a new conversation, as every gateway request is. Per stream count:
 
 - **gateway hold-back**: the gateway's own `guardstream_gateway_hold_back_seconds` histogram (per
@@ -184,15 +185,18 @@ async def wait_ready(process: subprocess.Popen, name: str, timeout: float) -> No
             await asyncio.sleep(0.5)
 
 
-async def hold_back_buckets(gateway: subprocess.Popen) -> dict[float, float]:
-    """The hold-back histogram's cumulative counts by upper bound, from the gateway's /metrics."""
-    url = gateway.metrics_url  # type: ignore[attr-defined]
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+async def hold_back_buckets(gateways: list[subprocess.Popen]) -> dict[float, float]:
+    """The hold-back histogram's cumulative counts by upper bound, summed over the gateways' /metrics."""
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == HOLD_BACK + "_bucket":
-                buckets[float(sample.labels["le"])] = sample.value
+    for gateway in gateways:
+        url = gateway.metrics_url  # type: ignore[attr-defined]
+        response = await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)
+        text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == HOLD_BACK + "_bucket":
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
     return buckets
 
 
@@ -326,12 +330,18 @@ async def one_stream(
 # One stream count
 
 
-async def one_level(args, streams: int, client, url, upstream, worker, gateway) -> dict:
+def total_cpu_seconds(processes: list[subprocess.Popen]) -> float | None:
+    seconds = [cpu_seconds(process) for process in processes]
+    return None if None in seconds else sum(seconds)
+
+
+async def one_level(args, streams: int, client, urls, upstream, worker, gateways) -> dict:
     tally = Tally()
     run = uuid.uuid4().hex[:6]
     stages_before = await stage_totals(worker)
-    buckets_before = await hold_back_buckets(gateway)
-    cpu_before = {name: cpu_seconds(process) for name, process in (("worker", worker), ("gateway", gateway))}
+    buckets_before = await hold_back_buckets(gateways)
+    measured = {"worker": [worker], "gateway": gateways}
+    cpu_before = {name: total_cpu_seconds(processes) for name, processes in measured.items()}
     own_before, busy_before, wall_before = time.process_time(), machine_busy_seconds(), time.monotonic()
     processes_before = process_cpu_seconds()
     until = time.monotonic() + args.seconds
@@ -340,7 +350,7 @@ async def one_level(args, streams: int, client, url, upstream, worker, gateway) 
         *(
             one_stream(
                 client,
-                url,
+                urls[index % len(urls)],  # streams spread over the gateways, as a load balancer would
                 upstream,
                 f"bench-{run}-{streams}-{index}",
                 stagger * index / streams,
@@ -353,14 +363,14 @@ async def one_level(args, streams: int, client, url, upstream, worker, gateway) 
     wall = time.monotonic() - wall_before
     busy_after = machine_busy_seconds()
     processes = busiest(processes_before, process_cpu_seconds(), wall)
-    buckets_after = await hold_back_buckets(gateway)
+    buckets_after = await hold_back_buckets(gateways)
     stages_after = await stage_totals(worker)
     cpu = {
         name: None
         if cpu_before[name] is None or after is None
         else round((after - cpu_before[name]) / wall, 2)
-        for name, process in (("worker", worker), ("gateway", gateway))
-        for after in [cpu_seconds(process)]
+        for name, processes in measured.items()
+        for after in [total_cpu_seconds(processes)]
     }
     cpu["bench"] = round((time.process_time() - own_before) / wall, 2)
     cpu["machine"] = (
@@ -373,6 +383,7 @@ async def one_level(args, streams: int, client, url, upstream, worker, gateway) 
     }
     return {
         "streams": streams,
+        "gateways": len(gateways),
         "seconds": round(wall, 1),
         "requests": sum(tally.finish_reasons.values()) + len(tally.errors),
         "finish_reasons": tally.finish_reasons,
@@ -410,7 +421,7 @@ async def main_async(args, levels: list[int], model: str) -> list[dict]:
             redis_url = redis_url or redis_endpoint(stack, state)
         prefix = f"bench-gateway-{uuid.uuid4().hex[:8]}"
         topics = {"tokens_topic": f"{prefix}.tokens", "verdicts_topic": f"{prefix}.verdicts"}
-        worker_port, gateway_port = free_port(), free_port()
+        worker_port = free_port()
         worker = stack.enter_context(
             stopped_after(
                 guardstream_process(
@@ -436,30 +447,35 @@ async def main_async(args, levels: list[int], model: str) -> list[dict]:
         await wait_ready(worker, "worker", args.warmup)
         upstream = PacedUpstream(args.tokens_per_s, args.reply_tokens)
         upstream_url = await stack.enter_async_context(running_upstream(upstream))
-        gateway = stack.enter_context(
-            stopped_after(
-                guardstream_process(
-                    ["gateway"],
-                    {
-                        "GUARDSTREAM_GATEWAY_MODEL": model,
-                        "GUARDSTREAM_GATEWAY_UPSTREAM": upstream_url,
-                        "GUARDSTREAM_GATEWAY_KAFKA_BOOTSTRAP": bootstrap,
-                        "GUARDSTREAM_GATEWAY_TOKENS_TOPIC": topics["tokens_topic"],
-                        "GUARDSTREAM_GATEWAY_VERDICTS_TOPIC": topics["verdicts_topic"],
-                        "GUARDSTREAM_GATEWAY_LISTEN": f"127.0.0.1:{gateway_port}",
-                        "GUARDSTREAM_GATEWAY_RELEASE": "hold",
-                    },
-                    gateway_port,
+        gateway_ports = [free_port() for _ in range(args.gateways)]
+        gateways = [
+            stack.enter_context(
+                stopped_after(
+                    guardstream_process(
+                        ["gateway"],
+                        {
+                            "GUARDSTREAM_GATEWAY_MODEL": model,
+                            "GUARDSTREAM_GATEWAY_UPSTREAM": upstream_url,
+                            "GUARDSTREAM_GATEWAY_KAFKA_BOOTSTRAP": bootstrap,
+                            "GUARDSTREAM_GATEWAY_TOKENS_TOPIC": topics["tokens_topic"],
+                            "GUARDSTREAM_GATEWAY_VERDICTS_TOPIC": topics["verdicts_topic"],
+                            "GUARDSTREAM_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+                            "GUARDSTREAM_GATEWAY_RELEASE": "hold",
+                        },
+                        port,
+                    )
                 )
             )
-        )
-        await wait_ready(gateway, "gateway", args.warmup)
+            for port in gateway_ports
+        ]
+        for gateway in gateways:
+            await wait_ready(gateway, "gateway", args.warmup)
         # Plain aiohttp reading the SSE lines: the openai client's per-chunk model objects cost the
         # shared cores more than the gateway does (tests/gateway checks the wire with openai itself).
         client = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=60), connector=aiohttp.TCPConnector(limit=0)
         )
-        url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+        urls = [f"http://127.0.0.1:{port}/v1/chat/completions" for port in gateway_ports]
         rows = []
         try:
             if args.warm_seconds:
@@ -468,11 +484,11 @@ async def main_async(args, levels: list[int], model: str) -> list[dict]:
                     f"warming up: {args.warm_streams} streams for {args.warm_seconds:.0f} s ...", flush=True
                 )
                 warm = argparse.Namespace(**{**vars(args), "seconds": args.warm_seconds})
-                await one_level(warm, args.warm_streams, client, url, upstream, worker, gateway)
+                await one_level(warm, args.warm_streams, client, urls, upstream, worker, gateways)
                 await asyncio.sleep(args.pause)
             for streams in levels:
                 print(f"{streams} streams for {args.seconds:.0f} s ...", flush=True)
-                rows.append(await one_level(args, streams, client, url, upstream, worker, gateway))
+                rows.append(await one_level(args, streams, client, urls, upstream, worker, gateways))
                 print_row(rows[-1])
                 await asyncio.sleep(args.pause)
         finally:
@@ -551,6 +567,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20, help="seconds of streaming per stream count")
     parser.add_argument(
         "--stagger", type=float, default=3, help="seconds the streams' first requests spread over"
+    )
+    parser.add_argument(
+        "--gateways", type=int, default=1, help="gateway replicas (processes); streams alternate between them"
     )
     parser.add_argument("--tokens-per-s", type=float, default=30, help="each stream's upstream pace")
     parser.add_argument("--reply-tokens", type=int, default=90, help="words (one delta each) in a reply")
