@@ -419,6 +419,51 @@ async def test_a_caller_that_leaves_cancels_the_upstream(worker, gateway, upstre
         assert upstream.completed == 0
 
 
+async def test_a_stopping_gateway_finishes_the_replies_in_flight(
+    worker, checkpoint, upstream, tiny_model
+) -> None:
+    """A rolling update's SIGTERM: the gateway stops taking requests and lets the streams it serves end."""
+    reply = random_reply(16)
+    expected = expected_release(tiny_model, SAFE_PROMPT, reply)
+    upstream.scripts["slow"] = Script(reply, pace_s=0.1)
+    stopping = asyncio.Event()
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def serve_until_stopped(upstream_url: str) -> None:
+        settings = GatewaySettings(
+            listen="127.0.0.1:0",
+            upstream=upstream_url,
+            kafka_bootstrap=worker.kafka_bootstrap,
+            tokens_topic=worker.tokens_topic,
+            verdicts_topic=worker.verdicts_topic,
+            verdict_timeout=10.0,
+        )
+        async with running_gateway(settings, checkpoint) as (url, _):
+            started.set_result(url)
+            await stopping.wait()
+
+    async with running_upstream(upstream) as upstream_url:
+        server = asyncio.create_task(serve_until_stopped(upstream_url))
+        client = openai.AsyncOpenAI(base_url=f"{await started}/v1", api_key="unused", max_retries=0)
+        text, finish_reason = "", None
+        async with client.chat.completions.with_streaming_response.create(
+            model="slow", messages=[{"role": "user", "content": SAFE_PROMPT}], stream=True
+        ) as response:
+            async for chunk in await response.parse():
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    finish_reason = choice.finish_reason or finish_reason
+                if text and not stopping.is_set():
+                    stopping.set()  # the stop begins with this reply in flight
+                    await asyncio.sleep(0.2)
+                    assert not server.done()
+        assert stopping.is_set() and (text, finish_reason) == (expected.text, expected.finish_reason)
+        await asyncio.wait_for(server, timeout=30)
+        with pytest.raises(openai.APIConnectionError):
+            await chat(client, "slow", SAFE_PROMPT, stream=True)
+        await client.close()
+
+
 async def test_a_conversation_id_in_progress_is_refused(worker, gateway, upstream) -> None:
     upstream.scripts["slow"] = Script("a slow reply " * 10, pace_s=0.05)
     same = f"same-{uuid.uuid4().hex}"
