@@ -195,6 +195,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def can_listen(host: str, port: int) -> bool:
+    """Whether a server could bind `port` now. Unlike `port_in_use`, this also sees a port held by a
+    socket that does not listen (the local end of an outgoing connection)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no bar
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections (Linux's default off Linux)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(int(low), int(high) + 1)
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)

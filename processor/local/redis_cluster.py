@@ -7,13 +7,14 @@ again on the same ports re-form it by themselves; only a new cluster is created.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from processor.local import redis as redis_service
-from processor.local.process import ServiceError, free_port, port_in_use
+from processor.local.process import ServiceError, can_listen, ephemeral_ports, free_port
 
 PRIMARIES = 3
 REPLICAS_PER_PRIMARY = 1
@@ -23,6 +24,9 @@ NODES = PRIMARIES * (1 + REPLICAS_PER_PRIMARY)
 NODE_TIMEOUT_MS = 2000
 START_TIMEOUT_S = 30.0
 BUS_PORT_OFFSET = 10_000  # a node's cluster bus listens on its port + 10000
+MIN_NODE_PORT = 10_000
+# Ports given to nodes by this process: a node just spawned may not listen on them yet.
+_handed_out: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,17 @@ def preflight() -> None:
 
 
 def free_node_port() -> int:
-    """A free port whose bus port (+10000, at most 65535) is free too."""
+    """A port for a node whose bus port (+10000) is free too, both below the kernel's ephemeral range
+    where it leaves room: nothing reserves the bus port until the node binds it, and in that range any
+    outgoing connection may take it first."""
+    below = range(MIN_NODE_PORT, ephemeral_ports().start - BUS_PORT_OFFSET)
     for _ in range(1000):
-        port = free_port(redis_service.HOST)
-        if port + BUS_PORT_OFFSET <= 65535 and not port_in_use(redis_service.HOST, port + BUS_PORT_OFFSET):
+        port = random.choice(below) if below else free_port(redis_service.HOST)
+        pair = {port, port + BUS_PORT_OFFSET}
+        if port + BUS_PORT_OFFSET > 65535 or pair & _handed_out:
+            continue
+        if all(can_listen(redis_service.HOST, taken) for taken in pair):
+            _handed_out.update(pair)
             return port
     raise ServiceError("found no free port pair (port, port + 10000) for a Redis Cluster node")
 

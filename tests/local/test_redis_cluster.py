@@ -3,6 +3,7 @@ them, a node killed comes back on its port as part of the same cluster, and `dow
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from redis.cluster import RedisCluster
 
 from processor.local import redis_cluster, services
+from processor.local.process import ephemeral_ports
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +65,21 @@ def test_cli_up_redis_cluster_writes_its_env(tmp_path: Path) -> None:
         down = subprocess.run([*command, "down", "--state-dir", str(state)], capture_output=True)
     assert down.returncode == 0 and "redis-cluster" in down.stderr.decode()
     assert not any(info["running"] for info in services.status(state).values())
+
+
+def test_node_ports_skip_a_bus_port_that_a_connection_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket bound without listening (an outgoing connection's local end) answers no connect, yet
+    a node's bus could not bind its port: such a pair is skipped. Ports sit below the ephemeral range
+    and none is handed out twice."""
+    ports = [redis_cluster.free_node_port() for _ in range(redis_cluster.NODES)]
+    assert len(set(ports)) == len(ports)
+    if ephemeral_ports().start - redis_cluster.BUS_PORT_OFFSET > redis_cluster.MIN_NODE_PORT:
+        assert all(port + redis_cluster.BUS_PORT_OFFSET < ephemeral_ports().start for port in ports)
+    blocked, free = ports[:2]
+    for port in (blocked, free):
+        redis_cluster._handed_out -= {port, port + redis_cluster.BUS_PORT_OFFSET}
+    picks = iter([blocked, free])
+    monkeypatch.setattr(redis_cluster.random, "choice", lambda _: next(picks))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", blocked + redis_cluster.BUS_PORT_OFFSET))  # bound, not listening
+        assert redis_cluster.free_node_port() == free
