@@ -13,6 +13,7 @@ from processor.gateway.app import build_app
 from processor.gateway.auth import BearerAuth
 from processor.gateway.services import Checkpoint, GatewayServices
 from processor.gateway.settings import GatewaySettings
+from processor.worker.heap import long_lived_heap_frozen
 
 log = logging.getLogger(__name__)
 
@@ -58,4 +59,7 @@ async def running_gateway(
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     log.info("gateway settings: %s", settings.redacted())
     async with running_gateway(settings):
-        await stop.wait()
+        # The tokenizer's and libraries' objects (torch comes with transformers): never walked again, so
+        # no full collection stalls the loop that serves every stream.
+        with long_lived_heap_frozen():
+            await stop.wait()

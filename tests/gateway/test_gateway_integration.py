@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import time
@@ -16,7 +17,7 @@ import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from processor.gateway.serve import running_gateway
+from processor.gateway.serve import running_gateway, serve
 from processor.gateway.services import Checkpoint, GatewayServices
 from processor.gateway.settings import GatewaySettings
 from processor.local.testing import unique_name
@@ -462,6 +463,29 @@ async def test_a_stopping_gateway_finishes_the_replies_in_flight(
         with pytest.raises(openai.APIConnectionError):
             await chat(client, "slow", SAFE_PROMPT, stream=True)
         await client.close()
+
+
+async def test_a_serving_gateway_keeps_its_long_lived_heap_from_the_collector(
+    idle_topics, tiny_model_dir
+) -> None:
+    """Its imports (torch among them) are frozen out of the collector: a full collection would stall
+    the one loop that serves every stream."""
+    settings = GatewaySettings(
+        listen="127.0.0.1:0",
+        model=str(tiny_model_dir),
+        kafka_bootstrap=idle_topics.kafka_bootstrap,
+        tokens_topic=idle_topics.tokens_topic,
+        verdicts_topic=idle_topics.verdicts_topic,
+    )
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings, stop))
+    deadline = time.monotonic() + 60
+    while gc.get_freeze_count() == 0:
+        assert not server.done() and time.monotonic() < deadline, "the gateway froze its heap once serving"
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(server, timeout=30)
+    assert gc.get_freeze_count() == 0, "unfrozen at the stop"
 
 
 async def test_a_conversation_id_in_progress_is_refused(worker, gateway, upstream) -> None:
