@@ -140,7 +140,7 @@ def serve(args: argparse.Namespace) -> None:
     for new_tokens in steps[:WARMUP_STEPS]:
         one_step(new_tokens)
     gc.collect()
-    gc.freeze()  # as the worker does (processor.worker.heap): the setup's objects are never scanned
+    gc.freeze()  # as the worker does (processor.heap): the setup's objects are never scanned
     if args.profile:
         import cProfile
         import pstats

@@ -66,8 +66,8 @@ from pipeline import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from processor.heap import long_lived_heap_frozen
 from processor.local.process import free_port
-from processor.worker.heap import long_lived_heap_frozen
 
 HOLD_BACK = "guardstream_gateway_hold_back_seconds"
 PROMPT = "Tell me a story."  # Safe under the tiny test model of seed 0, so its replies are streamed

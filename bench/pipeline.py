@@ -70,10 +70,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache  # noqa: E402
+from processor.heap import long_lived_heap_frozen  # noqa: E402
 from processor.local.process import free_port  # noqa: E402
 from processor.model.config import GuardConfig  # noqa: E402
 from processor.model.loader import default_dtype, parse_dtype  # noqa: E402
-from processor.worker.heap import long_lived_heap_frozen  # noqa: E402
 from processor.worker.metrics import STAGES  # noqa: E402
 from processor.worker.publisher import BatchPublisher  # noqa: E402
 from processor.worker.settings import KvCacheDtype, redact_url  # noqa: E402

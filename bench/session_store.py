@@ -25,8 +25,8 @@ from pipeline import ROOT, rows_result, write_result
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from processor.heap import long_lived_heap_frozen
 from processor.local import services
-from processor.worker.heap import long_lived_heap_frozen
 from processor.worker.session_store import Session, SessionStore, SessionUpdate
 
 VARIANTS = (("redis", 0), ("redis-cluster", 0), ("redis-cluster", 1))

@@ -89,8 +89,8 @@ async def serve(args: argparse.Namespace) -> None:
     import processor
     from processor.engine import AsyncGuardEngine, GuardEngine
     from processor.engine.kv_cache import bytes_per_token, resolve_attention_and_cache
+    from processor.heap import long_lived_heap_frozen
     from processor.model import load_guard_model
-    from processor.worker.heap import long_lived_heap_frozen
     from processor.worker.metrics import WorkerMetrics
     from processor.worker.session_store import Session
     from processor.worker.settings import WorkerSettings

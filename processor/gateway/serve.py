@@ -13,7 +13,7 @@ from processor.gateway.app import build_app
 from processor.gateway.auth import BearerAuth
 from processor.gateway.services import Checkpoint, GatewayServices
 from processor.gateway.settings import GatewaySettings
-from processor.worker.heap import long_lived_heap_frozen
+from processor.heap import long_lived_heap_frozen
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ class PreparedStep:
 
     It holds the step's outcomes and offsets, not its records or plans: a step stays in flight for a
     few cycles, and every young garbage collection would walk the per-event objects kept that long
-    (see processor/worker/heap.py).
+    (see processor/heap.py).
     """
 
     outcomes: list[ConversationOutcome]

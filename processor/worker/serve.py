@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from processor.engine import AsyncGuardEngine, EngineConfig, GuardEngine
+from processor.heap import long_lived_heap_frozen
 from processor.model import GuardModel, load_guard_model
-from processor.worker.heap import long_lived_heap_frozen
 from processor.worker.http import HealthServer
 from processor.worker.metrics import WorkerMetrics
 from processor.worker.pipeline import SettledHistory, StepChain

@@ -1,13 +1,14 @@
-"""Garbage collection for a long-running hot loop: what is alive at the start is never walked again.
+"""Garbage collection for a long-running hot loop (the worker's, the gateway's): what is alive at the
+start is never walked again.
 
 The model, tokenizer and libraries leave hundreds of thousands to millions of long-lived objects.
 Without `gc.freeze()` every full collection walks them all, a pause that stalls the loop, and a loop
 that allocates tens of thousands of short-lived objects a step runs many collections.
 
 A young collection walks every object allocated since the last one that is still alive, so its pause
-grows with what the loop keeps across steps: a step in flight that kept its records and plans (about
-a dozen objects an event) would be walked again and again. A prepared step keeps only what its finish
-needs (`PreparedStep`), and the last step's records are freed during the next poll.
+grows with what the loop keeps across steps: in the worker, a step in flight that kept its records and
+plans (about a dozen objects an event) would be walked again and again. A prepared step keeps only
+what its finish needs (`PreparedStep`), and the last step's records are freed during the next poll.
 """
 
 from __future__ import annotations

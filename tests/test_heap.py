@@ -1,10 +1,10 @@
-"""The worker's garbage-collection setting: frozen heap and rarer young collections, undone after."""
+"""The hot loops' garbage-collection setting: frozen heap and rarer young collections, undone after."""
 
 from __future__ import annotations
 
 import gc
 
-from processor.worker.heap import GC_YOUNG_THRESHOLD, long_lived_heap_frozen
+from processor.heap import GC_YOUNG_THRESHOLD, long_lived_heap_frozen
 
 
 def test_the_heap_is_frozen_inside_and_restored_after():
